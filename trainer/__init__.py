@@ -1,0 +1,1 @@
+"""Distributed TensorFlow training of MNIST classifiers (see README.md)."""

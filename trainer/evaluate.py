@@ -1,0 +1,73 @@
+"""Test-set metrics: loss, accuracy, confusion matrix, per-class precision and recall."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.data import NUM_CLASSES, Split, eval_dataset_fn
+
+
+def summarize(confusion: np.ndarray, loss_sum: float) -> dict[str, Any]:
+    """Metrics from a confusion matrix (rows = true label) and the summed per-example loss."""
+    confusion = np.asarray(confusion, dtype=np.int64)
+    total = int(confusion.sum())
+    correct = np.diag(confusion).astype(np.float64)
+    predicted = confusion.sum(axis=0)
+    actual = confusion.sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = np.where(predicted > 0, correct / predicted, 0.0)
+        recall = np.where(actual > 0, correct / actual, 0.0)
+    return {
+        "test_accuracy": float(correct.sum() / total),
+        "test_loss": float(loss_sum / total),
+        "test_examples": total,
+        "confusion_matrix": confusion.tolist(),
+        "precision": [round(float(p), 6) for p in precision],
+        "recall": [round(float(r), 6) for r in recall],
+    }
+
+
+def _batch_stats(logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    per_example = keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+    predictions = tf.argmax(logits, axis=-1)
+    confusion = tf.math.confusion_matrix(labels, predictions, num_classes=NUM_CLASSES, dtype=tf.int64)
+    return tf.reduce_sum(per_example), confusion
+
+
+def evaluate_distributed(strategy: tf.distribute.Strategy, model: keras.Model, split: Split,
+                         global_batch: int) -> dict[str, Any]:
+    """Evaluate a live model on every example of `split`, each replica taking a share of each batch."""
+    dataset = strategy.distribute_datasets_from_function(eval_dataset_fn(split, global_batch))
+
+    @tf.function
+    def eval_batch(batch: tuple[Any, Any]) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = batch
+        loss, confusion = strategy.run(lambda x, y: _batch_stats(model(x, training=False), y), args=(images, labels))
+        sum_ = tf.distribute.ReduceOp.SUM
+        return strategy.reduce(sum_, loss, axis=None), strategy.reduce(sum_, confusion, axis=None)
+
+    return _accumulate(eval_batch(batch) for batch in dataset)
+
+
+def evaluate_serving(serve: Callable[..., dict[str, tf.Tensor]], split: Split, batch: int = 500) -> dict[str, Any]:
+    """Evaluate an exported `serving_default` signature on raw uint8 images."""
+
+    def stats(images: np.ndarray, labels: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
+        probabilities = serve(images=tf.constant(images))["probabilities"]
+        return _batch_stats(tf.math.log(tf.maximum(probabilities, 1e-12)), tf.constant(labels))
+
+    return _accumulate(
+        stats(split.images[i : i + batch], split.labels[i : i + batch]) for i in range(0, len(split), batch)
+    )
+
+
+def _accumulate(results: Any) -> dict[str, Any]:
+    loss_sum, confusion = 0.0, np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for loss, matrix in results:
+        loss_sum += float(loss)
+        confusion += matrix.numpy()
+    return summarize(confusion, loss_sum)

@@ -1,0 +1,91 @@
+"""MODELS registry: name -> Keras builder. Every model takes raw uint8 pixels and returns logits."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import keras
+from keras import layers
+
+from trainer.data import IMAGE_SHAPE, NUM_CLASSES
+
+
+def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    # Normalisation is part of the model, so training and serving see the same graph.
+    images = keras.Input(shape=IMAGE_SHAPE, dtype="uint8", name="images")
+    return images, layers.Rescaling(1.0 / 255, name="rescale")(images)
+
+
+def _dense_stack(name: str, widths: tuple[int, ...]) -> keras.Model:
+    images, x = _inputs()
+    x = layers.Flatten(name="flatten")(x)
+    for i, width in enumerate(widths):
+        x = layers.Dense(width, activation="relu", kernel_initializer="glorot_uniform", name=f"hidden{i + 1}")(x)
+    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    return keras.Model(images, logits, name=name)
+
+
+def mlp3x256() -> keras.Model:
+    """784-256-256-256-10 ReLU network with Glorot initialisation."""
+    return _dense_stack("mlp3x256", (256, 256, 256))
+
+
+def mlp300() -> keras.Model:
+    """784-300-10 ReLU network."""
+    return _dense_stack("mlp300", (300,))
+
+
+def cnn() -> keras.Model:
+    """Conv2D(32, 3x3) -> MaxPool 2x2 -> Dense 128 -> Dense 10: 693,962 parameters."""
+    images, x = _inputs()
+    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="relu", name="hidden1")(x)
+    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    return keras.Model(images, logits, name="cnn")
+
+
+def _conv_bn(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
+    x = layers.BatchNormalization(name=f"{name}_bn")(x)
+    return layers.Activation("relu", name=f"{name}_relu")(x)
+
+
+def convnet_bn() -> keras.Model:
+    """Two conv blocks (32, 64 filters) with batch norm, then Dense 256 with dropout."""
+    images, x = _inputs()
+    for block, filters in enumerate((32, 64), start=1):
+        x = _conv_bn(x, filters, f"conv{block}a")
+        x = _conv_bn(x, filters, f"conv{block}b")
+        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(256, use_bias=False, name="hidden1")(x)
+    x = layers.BatchNormalization(name="hidden1_bn")(x)
+    x = layers.Activation("relu", name="hidden1_relu")(x)
+    x = layers.Dropout(0.4, name="dropout")(x)
+    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    return keras.Model(images, logits, name="convnet_bn")
+
+
+MODELS: dict[str, Callable[[], keras.Model]] = {
+    "mlp3x256": mlp3x256,
+    "cnn": cnn,
+    "mlp300": mlp300,
+    "convnet_bn": convnet_bn,
+}
+
+
+def build_model(name: str) -> keras.Model:
+    """Build a fresh model by registry name (call inside `strategy.scope()`)."""
+    return MODELS[name]()
+
+
+def build_optimizer(name: str, learning_rate: float, momentum: float, schedule: str, total_steps: int) -> keras.optimizers.Optimizer:
+    """The configured optimiser with a constant or cosine-decayed learning rate."""
+    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
+    if schedule == "cosine":
+        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
+    if name == "sgd":
+        return keras.optimizers.SGD(rate, momentum=momentum)
+    return keras.optimizers.Adam(rate)

@@ -155,7 +155,7 @@ def write_idx(path: str, array: np.ndarray) -> None:
     """Write a uint8 array as a gzip IDX file, atomically."""
     header = struct.pack(">HBB", 0, _IDX_UINT8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     tmp = f"{path}.tmp"
-    with gzip.open(tmp, "wb") as f:
+    with gzip.open(tmp, "wb", compresslevel=6) as f:
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
     os.replace(tmp, path)
 

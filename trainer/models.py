@@ -46,18 +46,13 @@ def cnn() -> keras.Model:
     return keras.Model(images, logits, name="cnn")
 
 
-def _conv_bn(x: keras.KerasTensor, filters: int, name: str) -> keras.KerasTensor:
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv")(x)
-    x = layers.BatchNormalization(name=f"{name}_bn")(x)
-    return layers.Activation("relu", name=f"{name}_relu")(x)
-
-
 def convnet_bn() -> keras.Model:
-    """Two conv blocks (32, 64 filters) with batch norm, then Dense 256 with dropout."""
+    """Three conv blocks (32, 64, 128 filters; 3x3, batch norm, max-pool), Dense 256 with dropout."""
     images, x = _inputs()
-    for block, filters in enumerate((32, 64), start=1):
-        x = _conv_bn(x, filters, f"conv{block}a")
-        x = _conv_bn(x, filters, f"conv{block}b")
+    for block, filters in enumerate((32, 64, 128), start=1):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
+        x = layers.BatchNormalization(name=f"conv{block}_bn")(x)
+        x = layers.Activation("relu", name=f"conv{block}_relu")(x)
         x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(256, use_bias=False, name="hidden1")(x)

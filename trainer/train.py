@@ -187,4 +187,4 @@ def _log_run_start(logs: str, train_writer: tf.summary.SummaryWriter, config: Co
 def _progress(total: int, initial: int) -> tqdm:
     """A progress bar with ETA; sparse updates when stderr is a log file, not a terminal."""
     return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0)
+                miniters=1, mininterval=0.5 if sys.stderr.isatty() else 30.0)

@@ -1,0 +1,51 @@
+"""Shared fixtures. The CPU is split into two logical devices before TensorFlow starts any op,
+so MirroredStrategy runs with two replicas on machines without GPUs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pytest  # noqa: E402
+
+from trainer.distribute import split_cpu  # noqa: E402
+
+REPLICAS = 2
+split_cpu(REPLICAS)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A data dir holding real MNIST and Fashion-MNIST as verified IDX files."""
+    from trainer.data import import_packaged
+
+    folder = str(tmp_path_factory.mktemp("data"))
+    for dataset in ("mnist", "fashion_mnist"):
+        import_packaged(dataset, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def mnist(data_dir: str) -> dict:
+    """Real MNIST train and test splits in memory."""
+    from trainer.config import DataConfig
+    from trainer.data import load_split
+
+    config = DataConfig(dataset="mnist", data_dir=data_dir, data_source="idx")
+    return {split: load_split(config, split) for split in ("train", "test")}
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python -m trainer ARGS` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Lines the trainer itself printed as errors (TensorFlow's own start-up logging aside)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

@@ -1,0 +1,112 @@
+"""End to end on real MNIST: train with two replicas, TensorBoard, export, finished and refused resumes."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import REPLICAS, error_lines, run_cli
+from trainer.config import ConfigError, build_config
+from trainer.distribute import make_strategy
+from trainer.evaluate import evaluate_serving
+from trainer.export import load_serving
+from trainer.storage import RunFolder
+from trainer.train import train_and_evaluate
+
+
+def cnn_config(output_dir: str, data_dir: str, **overrides) -> object:
+    return build_config({"model": "cnn", "epochs": 1, "cpu_replicas": REPLICAS, "output_dir": output_dir,
+                         "run": "cnn-e2e", "data_dir": data_dir, "data_source": "idx", **overrides})
+
+
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory, data_dir):
+    """One epoch of the tutorial CNN on two logical CPU replicas."""
+    output_dir = str(tmp_path_factory.mktemp("runs"))
+    config = cnn_config(output_dir, data_dir)
+    metrics = train_and_evaluate(config, make_strategy(config.runtime))
+    return config, RunFolder(output_dir, "cnn-e2e"), metrics
+
+
+def test_cnn_on_two_replicas_reaches_the_tutorials_first_epoch_accuracy(cnn_run):
+    _, folder, metrics = cnn_run
+    assert metrics["test_accuracy"] >= 0.975
+    assert metrics["replicas"] == 2 and metrics["strategy"] == "MirroredStrategy"
+    assert metrics["steps"] == 60000 // 64 and metrics["epochs"] == 1
+    assert metrics["parameters"] == 693_962
+    confusion = np.array(metrics["confusion_matrix"])
+    assert confusion.shape == (10, 10) and confusion.sum() == 10000
+    assert confusion.sum(axis=1).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+    assert np.trace(confusion) / 10000 == pytest.approx(metrics["test_accuracy"])
+    assert len(metrics["precision"]) == len(metrics["recall"]) == 10
+    assert metrics["examples_per_sec"] > 0 and metrics["wall_seconds"] > 0
+    assert folder.read_json("metrics.json") == metrics
+    for name in ("config.json", "checkpoints/checkpoint", "model/saved_model.pb"):
+        assert os.path.exists(folder.path(name)), name
+
+
+def test_tensorboard_has_curves_images_and_hparams(cnn_run):
+    _, folder, _ = cnn_run
+    tags = {}
+    for sub in ("train", "test", ""):
+        events = EventAccumulator(os.path.join(folder.logs, sub))
+        events.Reload()
+        tags[sub] = set(events.Tags()["tensors"])
+    assert {"loss", "accuracy", "learning_rate", "examples_per_sec", "inputs"} <= tags["train"]
+    assert {"loss", "accuracy"} <= tags["test"]
+    assert "_hparams_/session_start_info" in tags[""]
+
+
+def test_exported_model_reproduces_the_accuracy_from_uint8_images(cnn_run, mnist):
+    _, folder, metrics = cnn_run
+    serve = load_serving(folder.model)
+    spec = serve.structured_input_signature[1]["images"]
+    assert spec.dtype == tf.uint8 and spec.shape.as_list() == [None, 28, 28, 1]
+    out = serve(images=tf.constant(mnist["test"].images[:5]))
+    assert out["probabilities"].dtype == tf.float32 and out["probabilities"].shape == (5, 10)
+    assert out["classes"].dtype == tf.int64 and out["classes"].shape == (5,)
+    served = evaluate_serving(serve, mnist["test"])
+    assert served["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-4)
+    assert served["confusion_matrix"] == metrics["confusion_matrix"]
+
+
+def test_evaluate_and_predict_commands(cnn_run, mnist, tmp_path):
+    config, folder, metrics = cnn_run
+    result = run_cli("evaluate", "--output-dir", config.run.output_dir, "--run", config.run.run)
+    assert result.returncode == 0, result.stderr
+    assert f'"test_accuracy": {metrics["test_accuracy"]}' in result.stdout
+    paths = []
+    for i in range(4):
+        path = tmp_path / f"digit{i}.png"
+        Image.fromarray(mnist["test"].images[i, :, :, 0]).save(path)
+        paths.append(str(path))
+    result = run_cli("predict", "--output-dir", config.run.output_dir, "--run", config.run.run, *paths)
+    assert result.returncode == 0, result.stderr
+    predicted = [int(line.split("\t")[1]) for line in result.stdout.splitlines()]
+    assert predicted == mnist["test"].labels[:4].tolist()  # 7 2 1 0, the first test digits
+
+
+def test_a_finished_run_is_not_trained_again(cnn_run):
+    config, folder, metrics = cnn_run
+    before = sorted(glob.glob(folder.path("checkpoints", "*")))
+    assert train_and_evaluate(config, make_strategy(config.runtime)) == metrics
+    assert sorted(glob.glob(folder.path("checkpoints", "*"))) == before
+
+
+def test_resuming_with_another_model_is_refused_and_changes_nothing(cnn_run):
+    config, folder, _ = cnn_run
+    snapshot = {p: open(p, "rb").read() for p in glob.glob(folder.path("**"), recursive=True) if os.path.isfile(p)}
+    other = cnn_config(config.run.output_dir, config.data.data_dir, model="mlp300", batch_size=64)
+    with pytest.raises(ConfigError, match="model: 'cnn' -> 'mlp300'"):
+        train_and_evaluate(other, make_strategy(other.runtime))
+    result = run_cli("train", "--model", "mlp300", "--epochs", "1", "--output-dir", config.run.output_dir,
+                     "--run", config.run.run, "--data-dir", config.data.data_dir)
+    assert result.returncode == 2 and len(error_lines(result.stderr)) == 1
+    after = {p: open(p, "rb").read() for p in glob.glob(folder.path("**"), recursive=True) if os.path.isfile(p)}
+    assert after == snapshot

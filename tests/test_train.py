@@ -31,7 +31,7 @@ def cnn_run(tmp_path_factory, data_dir):
     output_dir = str(tmp_path_factory.mktemp("runs"))
     config = cnn_config(output_dir, data_dir)
     metrics = train_and_evaluate(config, make_strategy(config.runtime))
-    return config, RunFolder(output_dir, "cnn-e2e"), metrics
+    return config, RunFolder(os.path.join(output_dir, "cnn-e2e")), metrics
 
 
 def test_cnn_on_two_replicas_reaches_the_tutorials_first_epoch_accuracy(cnn_run):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 import types
 
 import keras
@@ -46,6 +47,7 @@ class StopSignal:
     def __init__(self) -> None:
         self._event = threading.Event()
         self._previous: signal.Handlers | None = None
+        self._received_at = 0.0
 
     def __enter__(self) -> "StopSignal":
         if threading.current_thread() is threading.main_thread():
@@ -57,7 +59,12 @@ class StopSignal:
             signal.signal(signal.SIGTERM, self._previous)
 
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
+        self._received_at = time.monotonic()
         self._event.set()
+
+    def remaining(self, grace: float) -> float:
+        """Seconds left of a `grace`-second budget that started when SIGTERM arrived."""
+        return max(0.0, grace - (time.monotonic() - self._received_at))
 
     @property
     def requested(self) -> bool:

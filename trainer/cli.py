@@ -7,10 +7,12 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
 from typing import Any, NoReturn, Sequence
 
 from trainer import config as config_lib
-from trainer.config import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError
+from trainer.config import EXIT_INTERRUPTED, EXIT_STORE, EXIT_USAGE, ConfigError
+from trainer.storage import LocalStore, RunFolder, StoreUnavailable, fetch, open_store
 
 FLAG_HELP = {
     "dataset": f"dataset: {', '.join(config_lib.DATASETS)}",
@@ -30,6 +32,10 @@ FLAG_HELP = {
     "checkpoint_every": "steps between checkpoints",
     "steps_per_loop": "steps per tf.function call and per log entry",
     "cpu_replicas": "0: all GPUs (or the CPU); N: N logical CPU devices",
+    "scratch_dir": "fast local folder for the run while it trains ('' = system temp dir)",
+    "ship_every": "seconds between background uploads to the output dir",
+    "grace_seconds": "after SIGTERM: save, upload and exit within this many seconds",
+    "store_timeout": "seconds the final upload retries an unreachable store before giving up",
 }
 
 
@@ -105,6 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.command](args)
     except ConfigError as error:
         fail(str(error))
+    except StoreUnavailable as error:
+        fail(str(error), EXIT_STORE)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -119,24 +127,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         metrics = train_and_evaluate(config, strategy, log=lambda m: print(m, file=sys.stderr))
     except Interrupted as stop:
         fail(str(stop), EXIT_INTERRUPTED)
-    folder = os.path.join(config.run.output_dir, config.run.run)
+    folder = f"{config.run.output_dir.rstrip('/')}/{config.run.run}"
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "
           f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  run folder: {folder}")
     return 0
 
 
-def _run_folder(output_dir: str, run: str) -> Any:
-    from trainer.storage import RunFolder
-
-    folder = RunFolder(output_dir, run)
-    if not os.path.isdir(folder.root):
-        raise ConfigError(f"no run folder {folder.root}")
-    return folder
+def _run_folder(output_dir: str, run: str, prefixes: tuple[str, ...]) -> RunFolder:
+    """A local view of a run: the folder itself, or the `prefixes` fetched from gs:// into a temp dir."""
+    store = open_store(output_dir, run)
+    if isinstance(store, LocalStore):
+        if not os.path.isdir(store.root):
+            raise ConfigError(f"no run folder {store.root}")
+        return RunFolder(store.root)
+    store.check()
+    local = RunFolder(tempfile.mkdtemp(prefix="mnist-trainer-"))
+    if not [name for prefix in prefixes for name in fetch(store, prefix, local.root)]:
+        raise ConfigError(f"no run at {store.url}")
+    return local
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate the exported model on the full test set; print the metrics as JSON."""
-    folder = _run_folder(args.output_dir, args.run)
+    folder = _run_folder(args.output_dir, args.run, ("config.json", "model/"))
     saved = folder.read_json("config.json")
     if saved is None or not os.path.isdir(folder.model):
         raise ConfigError(f"{folder.root} has no config.json and exported model/ (did training finish?)")
@@ -155,7 +168,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Print `file<TAB>class<TAB>probability` for each PNG."""
     if not args.model_dir and not args.run:
         raise ConfigError("give --model-dir, or --output-dir and --run")
-    model_dir = args.model_dir or _run_folder(args.output_dir, args.run).model
+    model_dir = args.model_dir or _run_folder(args.output_dir, args.run, ("model/",)).model
     if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
         raise ConfigError(f"no exported model in {model_dir}")
     for path in args.images:

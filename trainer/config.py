@@ -14,7 +14,9 @@ SCHEDULES = ("constant", "cosine")
 
 # Exit codes (documented in README): 2 = bad usage/config/input, never retried;
 # 75 (EX_TEMPFAIL) = stopped by SIGTERM after saving a checkpoint, safe to retry.
+# 74 (EX_IOERR) = the store stayed unreachable; results are kept in local scratch.
 EXIT_USAGE = 2
+EXIT_STORE = 74
 EXIT_INTERRUPTED = 75
 
 
@@ -56,10 +58,14 @@ class RunConfig:
     epochs: int = 10
     batch_size: int = 64  # global: split evenly over all replicas
     seed: int = 0
-    output_dir: str = "runs"
+    output_dir: str = "runs"  # a folder or gs://BUCKET/PREFIX
     run: str = ""
     checkpoint_every: int = 500  # steps
     steps_per_loop: int = 50  # steps inside one tf.function call; also the logging interval
+    scratch_dir: str = ""  # fast local folder training writes to; "" = the system temp dir
+    ship_every: float = 10.0  # seconds between background shipping passes
+    grace_seconds: float = 25.0  # after SIGTERM: save, ship, exit within this (fits a 30 s grace period)
+    store_timeout: float = 300.0  # seconds the final shipping keeps retrying an unreachable store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,7 +157,8 @@ def validate(config: Config) -> None:
     _choice("data_source", c["data_source"], DATA_SOURCES)
     _choice("optimizer", c["optimizer"], OPTIMIZERS)
     _choice("schedule", c["schedule"], SCHEDULES)
-    for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop"):
+    for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop", "ship_every", "grace_seconds",
+                "store_timeout"):
         if c[key] <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
     if c["learning_rate"] <= 0:

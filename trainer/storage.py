@@ -1,28 +1,41 @@
-"""The run folder `<output-dir>/<run>/`: its layout, JSON files and checks (local folders)."""
+"""Where runs live: the local run folder (scratch) and the Store a run is mirrored to.
+
+Two Store backends share one interface: LocalStore (a folder, the default) and GCSStore
+(Google Cloud Storage through google-cloud-storage; credentials the library's usual way:
+Application Default Credentials, Workload Identity on GKE; `STORAGE_EMULATOR_HOST` for an emulator).
+"""
 
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
+import uuid
 from typing import Any
 
 from trainer.config import ConfigError
+
+REQUEST_TIMEOUT = (5.0, 30.0)  # seconds to connect, to read, per HTTP request
+UPLOADS = ".uploads"  # store-side scratch for appended tails; no 'tfevents' in its names
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached (after retries)."""
 
 
 def to_json(data: dict[str, Any]) -> str:
     """Indented JSON with each list of numbers on one line (matrix rows stay readable)."""
     text = json.dumps(data, indent=2)
-    return re.sub(r"\[[\d\s.,eE+-]+\]", lambda m: re.sub(r"\s+", " ", m.group(0)).replace("[ ", "[").replace(" ]", "]"), text) + "\n"
+    one_line = lambda m: re.sub(r"\s+", " ", m.group(0)).replace("[ ", "[").replace(" ]", "]")  # noqa: E731
+    return re.sub(r"\[[\d\s.,eE+-]+\]", one_line, text) + "\n"
 
 
 class RunFolder:
-    """Paths inside one run folder: config.json, checkpoints/, logs/{train,test}/, model/, metrics.json."""
+    """A local run folder: config.json, checkpoints/, logs/{train,test}/, model/, metrics.json."""
 
-    def __init__(self, output_dir: str, run: str) -> None:
-        if output_dir.startswith("gs://"):
-            raise ConfigError("gs:// output dirs are not supported yet; use a local folder")
-        self.root = os.path.join(os.path.expanduser(output_dir), run)
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
 
     def path(self, *parts: str) -> str:
         """A path inside the run folder."""
@@ -40,17 +53,6 @@ class RunFolder:
     def model(self) -> str:
         return self.path("model")
 
-    def ensure_writable(self) -> None:
-        """Create the run folder, or raise ConfigError if it cannot be written."""
-        probe = self.path(".write-probe")
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as error:
-            raise ConfigError(f"cannot write to {self.root}: {error.strerror or error}") from error
-
     def read_json(self, name: str) -> dict[str, Any] | None:
         """Contents of a JSON file in the run folder, or None if it does not exist."""
         try:
@@ -67,3 +69,238 @@ class RunFolder:
         with open(tmp, "w") as f:
             f.write(to_json(data))
         os.replace(tmp, self.path(name))
+
+
+class Store:
+    """Objects named by '/'-separated paths relative to one run's location."""
+
+    url: str
+
+    def check(self) -> None:
+        """Raise ConfigError (bad location) or StoreUnavailable (cannot reach it) before training."""
+        raise NotImplementedError
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        """name -> size of every object whose name starts with prefix."""
+        raise NotImplementedError
+
+    def read(self, name: str) -> bytes | None:
+        """An object's bytes, or None if it does not exist."""
+        raise NotImplementedError
+
+    def write(self, name: str, data: bytes) -> None:
+        """Create or replace an object atomically."""
+        raise NotImplementedError
+
+    def upload(self, local_path: str, name: str) -> None:
+        """Create or replace an object from a local file atomically."""
+        raise NotImplementedError
+
+    def append(self, name: str, data: bytes, offset: int) -> bool:
+        """Append `data` to an object that is `offset` bytes long; False if it is not (or cannot)."""
+        return False
+
+    def download(self, name: str, local_path: str) -> None:
+        """Copy an object into a local file."""
+        raise NotImplementedError
+
+    def delete(self, name: str) -> None:
+        """Remove an object if it exists."""
+        raise NotImplementedError
+
+
+class LocalStore(Store):
+    """A folder on a local or mounted file system."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(os.path.expanduser(root))
+        self.url = self.root
+
+    def _path(self, name: str) -> str:
+        return os.path.join(self.root, *name.split("/"))
+
+    def check(self) -> None:
+        probe = self._path(f".write-probe-{uuid.uuid4().hex}")
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as error:
+            raise ConfigError(f"cannot write to {self.root}: {error.strerror or error}") from error
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        found = {}
+        for folder, _, files in os.walk(self.root):
+            for file in files:
+                name = os.path.relpath(os.path.join(folder, file), self.root).replace(os.sep, "/")
+                if name.startswith(prefix) and ".tmp-" not in name:
+                    found[name] = os.path.getsize(os.path.join(folder, file))
+        return found
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            with open(self._path(name), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def _replace(self, name: str, fill: Any) -> None:
+        target = self._path(name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        fill(tmp)
+        os.replace(tmp, target)
+
+    def write(self, name: str, data: bytes) -> None:
+        self._replace(name, lambda tmp: open(tmp, "wb").write(data))
+
+    def upload(self, local_path: str, name: str) -> None:
+        self._replace(name, lambda tmp: shutil.copyfile(local_path, tmp))
+
+    def append(self, name: str, data: bytes, offset: int) -> bool:
+        try:
+            with open(self._path(name), "r+b") as f:
+                if f.seek(0, os.SEEK_END) != offset:
+                    return False
+                f.write(data)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def download(self, name: str, local_path: str) -> None:
+        os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
+        shutil.copyfile(self._path(name), local_path)
+
+    def delete(self, name: str) -> None:
+        try:
+            os.remove(self._path(name))
+        except FileNotFoundError:
+            pass
+
+
+class GCSStore(Store):
+    """gs://BUCKET/PREFIX through google-cloud-storage, retrying transient errors with backoff."""
+
+    def __init__(self, url: str, retry_seconds: float = 60.0) -> None:
+        from google.cloud.storage.retry import DEFAULT_RETRY
+
+        match = re.fullmatch(r"gs://([a-z0-9][a-z0-9._-]{1,221}[a-z0-9])(/.*)?", url.rstrip("/"))
+        if not match:
+            raise ConfigError(f"not a gs://BUCKET/PREFIX location: {url}")
+        self.url = url.rstrip("/")
+        self.bucket_name = match.group(1)
+        self.prefix = (match.group(2) or "").strip("/")
+        # 429, 5xx, timeouts and dropped connections, with exponential backoff; our writes are
+        # whole-object replacements, so retrying them is safe.
+        self.retry = DEFAULT_RETRY.with_timeout(retry_seconds)
+        self._bucket: Any = None
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    @property
+    def bucket(self) -> Any:
+        if self._bucket is None:
+            from google.auth.exceptions import DefaultCredentialsError
+            from google.cloud import storage
+
+            try:
+                client = storage.Client()
+            except DefaultCredentialsError as error:
+                raise ConfigError(
+                    "no Google Cloud credentials (use Workload Identity, `gcloud auth application-default "
+                    "login` or GOOGLE_APPLICATION_CREDENTIALS)"
+                ) from error
+            self._bucket = client.bucket(self.bucket_name)
+        return self._bucket
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        from google.api_core import exceptions as api
+        from google.auth.exceptions import TransportError
+
+        try:
+            return fn(*args, retry=self.retry, timeout=REQUEST_TIMEOUT, **kwargs)
+        except api.Forbidden as error:
+            raise ConfigError(f"no permission on gs://{self.bucket_name}: {error.message}") from error
+        except (api.RetryError, api.ServerError, api.TooManyRequests, TransportError, ConnectionError,
+                TimeoutError, OSError) as error:
+            raise StoreUnavailable(f"{self.url}: {type(error).__name__}: {str(error)[:200]}") from error
+
+    def check(self) -> None:
+        from google.api_core import exceptions as api
+
+        try:
+            self._call(self.bucket.reload)
+        except api.NotFound as error:
+            raise ConfigError(f"bucket gs://{self.bucket_name} does not exist") from error
+
+    def list(self, prefix: str = "") -> dict[str, int]:
+        base = f"{self._key('')}" if self.prefix else ""
+        blobs = self._call(lambda **kw: list(self.bucket.client.list_blobs(
+            self.bucket_name, prefix=self._key(prefix), **kw)))
+        return {b.name[len(base):]: b.size for b in blobs if not b.name[len(base):].startswith(UPLOADS)}
+
+    def read(self, name: str) -> bytes | None:
+        from google.api_core import exceptions as api
+
+        try:
+            return self._call(self.bucket.blob(self._key(name)).download_as_bytes)
+        except api.NotFound:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        self._call(self.bucket.blob(self._key(name)).upload_from_string, data)
+
+    def upload(self, local_path: str, name: str) -> None:
+        self._call(self.bucket.blob(self._key(name)).upload_from_filename, local_path)
+
+    def append(self, name: str, data: bytes, offset: int) -> bool:
+        # Send only the new bytes, then let GCS concatenate them server-side (compose). The
+        # generation precondition stops a retried compose from appending the bytes twice.
+        from google.api_core import exceptions as api
+
+        target = self.bucket.blob(self._key(name))
+        try:
+            self._call(target.reload)
+        except api.NotFound:
+            return False
+        if target.size != offset:
+            return False
+        part = self.bucket.blob(self._key(f"{UPLOADS}/{uuid.uuid4().hex}"))
+        self._call(part.upload_from_string, data)
+        try:
+            self._call(target.compose, [target, part], if_generation_match=target.generation)
+        except api.PreconditionFailed:
+            self._call(target.reload)
+            return target.size == offset + len(data)
+        finally:
+            self._call(part.delete)
+        return True
+
+    def download(self, name: str, local_path: str) -> None:
+        os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
+        self._call(self.bucket.blob(self._key(name)).download_to_filename, local_path)
+
+    def delete(self, name: str) -> None:
+        from google.api_core import exceptions as api
+
+        try:
+            self._call(self.bucket.blob(self._key(name)).delete)
+        except api.NotFound:
+            pass
+
+
+def open_store(output_dir: str, run: str) -> Store:
+    """The store for `<output_dir>/<run>`: GCS for gs:// locations, else a local folder."""
+    if output_dir.startswith("gs://"):
+        return GCSStore(f"{output_dir.rstrip('/')}/{run}")
+    return LocalStore(os.path.join(output_dir, run))
+
+
+def fetch(store: Store, prefix: str, local_root: str) -> list[str]:
+    """Download every object under `prefix` into local_root (same relative paths); return the names."""
+    names = sorted(store.list(prefix))
+    for name in names:
+        store.download(name, os.path.join(local_root, *name.split("/")))
+    return names

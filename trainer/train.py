@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -20,7 +22,8 @@ from trainer.distribute import describe, make_strategy
 from trainer.evaluate import evaluate_distributed
 from trainer.export import export_model
 from trainer.models import build_model, build_optimizer
-from trainer.storage import RunFolder
+from trainer.shipper import Shipper, restore_run
+from trainer.storage import RunFolder, StoreUnavailable, open_store
 
 SAMPLE_IMAGES = 16  # training images shown in TensorBoard
 
@@ -28,116 +31,151 @@ SAMPLE_IMAGES = 16  # training images shown in TensorBoard
 class Interrupted(Exception):
     """Training stopped on SIGTERM after saving a checkpoint; re-running resumes it."""
 
-    def __init__(self, step: int, checkpoint: str) -> None:
-        super().__init__(f"interrupted by SIGTERM at step {step}; checkpoint {checkpoint} saved; safe to retry")
+    def __init__(self, step: int, shipped: bool, where: str) -> None:
+        state = "shipped to" if shipped else "saved locally (could not reach the store in time) in"
+        super().__init__(f"interrupted by SIGTERM at step {step}; checkpoint {state} {where}; safe to retry")
         self.step = step
+
+
+def scratch_folder(config: Config) -> RunFolder:
+    """The local folder a run trains in: `<scratch_dir or system temp>/mnist-trainer/<run>`."""
+    base = config.run.scratch_dir or os.path.join(tempfile.gettempdir(), "mnist-trainer")
+    return RunFolder(os.path.join(base, config.run.run))
 
 
 def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None = None,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) the configured run, evaluate it, export it; return metrics.json contents."""
+    """Train (or resume from the store) the configured run, evaluate and export it; return its metrics."""
     started = time.time()
-    folder = RunFolder(config.run.output_dir, config.run.run)
-    folder.ensure_writable()
-    saved = folder.read_json("config.json")
-    if saved is not None:
-        conflicts = resume_conflicts(config_from_dict(saved), config)
-        if conflicts:
-            raise ConfigError(f"run {folder.root} was started with other settings ({'; '.join(conflicts)})")
+    with StopSignal() as stop:
+        store = open_store(config.run.output_dir, config.run.run)
+        store.check()
+        # The store is the truth: scratch starts empty and is filled from the store.
+        local = scratch_folder(config)
+        shutil.rmtree(local.root, ignore_errors=True)
+        shipped = restore_run(store, local)
+        saved = local.read_json("config.json")
+        if saved is not None:
+            conflicts = resume_conflicts(config_from_dict(saved), config)
+            if conflicts:
+                raise ConfigError(f"run {store.url} was started with other settings ({'; '.join(conflicts)})")
 
-    train = data_lib.load_split(config.data, "train")
-    test = data_lib.load_split(config.data, "test")
-    global_batch = config.run.batch_size
-    per_epoch = data_lib.steps_per_epoch(len(train), global_batch)
-    total_steps = per_epoch * config.run.epochs
-    finished = folder.read_json("metrics.json")
-    if finished is not None and finished.get("steps") == total_steps:
-        log(f"run {folder.root} already finished {total_steps} steps; nothing to train")
-        return finished
+        train = data_lib.load_split(config.data, "train")
+        test = data_lib.load_split(config.data, "test")
+        global_batch = config.run.batch_size
+        total_steps = data_lib.steps_per_epoch(len(train), global_batch) * config.run.epochs
+        finished = local.read_json("metrics.json")
+        if finished is not None and finished.get("steps") == total_steps:
+            log(f"run {store.url} already finished {total_steps} steps; nothing to train")
+            shutil.rmtree(local.root, ignore_errors=True)
+            return finished
 
-    strategy = strategy or make_strategy(config.runtime)
-    replicas = strategy.num_replicas_in_sync
-    if global_batch % replicas:
-        raise ConfigError(f"global --batch-size {global_batch} is not divisible by {replicas} replicas")
+        strategy = strategy or make_strategy(config.runtime)
+        if global_batch % strategy.num_replicas_in_sync:
+            raise ConfigError(f"global --batch-size {global_batch} is not divisible by "
+                              f"{strategy.num_replicas_in_sync} replicas")
+        keras.utils.set_random_seed(config.run.seed)
+        with strategy.scope():
+            model = build_model(config.model.model)
+            o = config.optimizer
+            optimizer = build_optimizer(o.optimizer, o.learning_rate, o.momentum, o.schedule, total_steps)
+            optimizer.build(model.trainable_variables)
+        checkpoints = Checkpoints(local.checkpoints, model, optimizer)
+        try:
+            start_step = checkpoints.restore()
+        except AssertionError as error:
+            raise ConfigError(f"checkpoint of {store.url} does not fit model {config.model.model}") from error
+        if start_step > total_steps:
+            raise ConfigError(f"run {store.url} already trained {start_step} steps, more than "
+                              f"{config.run.epochs} epochs ({total_steps} steps)")
+        local.write_json("config.json", config.to_dict())
+        if start_step:
+            log(f"resuming {store.url} from step {start_step} of {total_steps}")
 
-    keras.utils.set_random_seed(config.run.seed)
-    with strategy.scope():
-        model = build_model(config.model.model)
-        o = config.optimizer
-        optimizer = build_optimizer(o.optimizer, o.learning_rate, o.momentum, o.schedule, total_steps)
-        optimizer.build(model.trainable_variables)
-    checkpoints = Checkpoints(folder.checkpoints, model, optimizer)
-    try:
-        start_step = checkpoints.restore()
-    except AssertionError as error:
-        raise ConfigError(f"checkpoint in {folder.checkpoints} does not fit model {config.model.model}") from error
-    if start_step > total_steps:
-        raise ConfigError(f"run {folder.root} already trained {start_step} steps, more than "
-                          f"{config.run.epochs} epochs ({total_steps} steps)")
-    folder.write_json("config.json", config.to_dict())
-    if start_step:
-        log(f"resuming {folder.root} from step {start_step} of {total_steps}")
-
-    train_writer = tf.summary.create_file_writer(os.path.join(folder.logs, "train"))
-    test_writer = tf.summary.create_file_writer(os.path.join(folder.logs, "test"))
-    if start_step == 0:
-        _log_run_start(folder.logs, train_writer, config, train)
-
-    dataset = strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
-        train, global_batch, config.run.epochs, config.run.seed, start_step, config.data.augment))
-    iterator = iter(dataset)
-    train_chunk = _make_train_chunk(strategy, model, optimizer, global_batch)
-
-    step, last_eval = start_step, None
-    chunk_times: list[tuple[int, float]] = []  # (examples, seconds) per tf.function call
-    with StopSignal() as stop, _progress(total_steps, start_step) as bar:
-        while step < total_steps:
-            epoch_end = (step // per_epoch + 1) * per_epoch
-            n = min(config.run.steps_per_loop, epoch_end - step)
-            tick = time.perf_counter()
-            loss_sum, correct = (float(t) for t in train_chunk(iterator, tf.constant(n)))
-            seconds = time.perf_counter() - tick
-            previous, step = step, step + n
-            chunk_times.append((n * global_batch, seconds))
-            mean_loss, accuracy = loss_sum / (n * global_batch), correct / (n * global_batch)
-            learning_rate = float(tf.convert_to_tensor(optimizer.learning_rate))
-            _write_scalars(train_writer, step, loss=mean_loss, accuracy=accuracy, learning_rate=learning_rate,
-                           examples_per_sec=n * global_batch / seconds)
-            bar.update(n)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.4f}", refresh=False)
-            epoch = step // per_epoch
-            if step == epoch_end:
-                last_eval = evaluate_distributed(strategy, model, test, global_batch)
-                _write_scalars(test_writer, step, loss=last_eval["test_loss"], accuracy=last_eval["test_accuracy"])
-                bar.write(f"epoch {epoch}/{config.run.epochs}: test accuracy {last_eval['test_accuracy']:.4f}"
-                          f" loss {last_eval['test_loss']:.4f}")
-            every = config.run.checkpoint_every
-            if step == epoch_end or step // every > previous // every or stop.requested:
-                path = checkpoints.save(step, epoch)
-                if stop.requested:
-                    train_writer.flush(), test_writer.flush()
-                    raise Interrupted(step, path)
-    train_writer.close(), test_writer.close()
-
-    final = last_eval or evaluate_distributed(strategy, model, test, global_batch)
-    export_model(model, folder.model)
-    metrics = {
-        **final,
-        "steps": total_steps,
-        "epochs": config.run.epochs,
-        "replicas": replicas,
-        "strategy": describe(strategy),
-        "global_batch_size": global_batch,
-        "examples_per_sec": _throughput(chunk_times),
-        "wall_seconds": round(time.time() - started, 1),
-        "resumed_from_step": start_step,
-        "model": config.model.model,
-        "parameters": model.count_params(),
-        "dataset": config.data.dataset,
-        "data_source": train.source,
-    }
-    folder.write_json("metrics.json", metrics)
+        with Shipper(local, store, config.run.ship_every, shipped, log) as shipper:
+            loop = _Loop(config, strategy, model, optimizer, checkpoints, shipper, stop, local)
+            chunk_times, last_eval = loop.run(train, test, start_step, total_steps)
+            final = last_eval or evaluate_distributed(strategy, model, test, global_batch)
+            export_model(model, local.model)
+            metrics = {
+                **final,
+                "steps": total_steps,
+                "epochs": config.run.epochs,
+                "replicas": strategy.num_replicas_in_sync,
+                "strategy": describe(strategy),
+                "global_batch_size": global_batch,
+                "examples_per_sec": _throughput(chunk_times),
+                "wall_seconds": round(time.time() - started, 1),
+                "resumed_from_step": start_step,
+                "model": config.model.model,
+                "parameters": model.count_params(),
+                "dataset": config.data.dataset,
+                "data_source": train.source,
+            }
+            local.write_json("metrics.json", metrics)
+            if not shipper.flush(config.run.store_timeout):
+                raise StoreUnavailable(f"could not ship the run to {store.url} ({shipper.last_error}); "
+                                       f"everything is kept in {local.root}")
+    shutil.rmtree(local.root, ignore_errors=True)
     return metrics
+
+
+class _Loop:
+    """The training loop: chunks of steps, logging, per-epoch evaluation, checkpoints, SIGTERM."""
+
+    def __init__(self, config: Config, strategy: tf.distribute.Strategy, model: keras.Model,
+                 optimizer: keras.optimizers.Optimizer, checkpoints: Checkpoints, shipper: Shipper,
+                 stop: StopSignal, local: RunFolder) -> None:
+        self.config, self.strategy, self.model, self.optimizer = config, strategy, model, optimizer
+        self.checkpoints, self.shipper, self.stop, self.local = checkpoints, shipper, stop, local
+
+    def run(self, train: data_lib.Split, test: data_lib.Split, start_step: int,
+            total_steps: int) -> tuple[list[tuple[int, float]], dict[str, Any] | None]:
+        """Train from start_step to total_steps; return per-call timings and the last evaluation."""
+        config, global_batch = self.config, self.config.run.batch_size
+        per_epoch = data_lib.steps_per_epoch(len(train), global_batch)
+        train_writer = tf.summary.create_file_writer(self.local.path("logs", "train"))
+        test_writer = tf.summary.create_file_writer(self.local.path("logs", "test"))
+        if start_step == 0:
+            _log_run_start(self.local.logs, train_writer, config, train)
+        dataset = self.strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
+            train, global_batch, config.run.epochs, config.run.seed, start_step, config.data.augment))
+        iterator = iter(dataset)
+        train_chunk = _make_train_chunk(self.strategy, self.model, self.optimizer, global_batch)
+
+        step, last_eval = start_step, None
+        chunk_times: list[tuple[int, float]] = []  # (examples, seconds) per tf.function call
+        with _progress(total_steps, start_step) as bar:
+            while step < total_steps:
+                epoch_end = (step // per_epoch + 1) * per_epoch
+                n = min(config.run.steps_per_loop, epoch_end - step)
+                tick = time.perf_counter()
+                loss_sum, correct = (float(t) for t in train_chunk(iterator, tf.constant(n)))
+                seconds = time.perf_counter() - tick
+                previous, step = step, step + n
+                chunk_times.append((n * global_batch, seconds))
+                mean_loss, accuracy = loss_sum / (n * global_batch), correct / (n * global_batch)
+                learning_rate = float(tf.convert_to_tensor(self.optimizer.learning_rate))
+                _write_scalars(train_writer, step, loss=mean_loss, accuracy=accuracy,
+                               learning_rate=learning_rate, examples_per_sec=n * global_batch / seconds)
+                bar.update(n)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.4f}", refresh=False)
+                epoch = step // per_epoch
+                if step == epoch_end:
+                    last_eval = evaluate_distributed(self.strategy, self.model, test, global_batch)
+                    _write_scalars(test_writer, step, loss=last_eval["test_loss"],
+                                   accuracy=last_eval["test_accuracy"])
+                    bar.write(f"epoch {epoch}/{config.run.epochs}: test accuracy "
+                              f"{last_eval['test_accuracy']:.4f} loss {last_eval['test_loss']:.4f}", file=sys.stderr)
+                every = config.run.checkpoint_every
+                if step == epoch_end or step // every > previous // every or self.stop.requested:
+                    train_writer.flush(), test_writer.flush()
+                    self.shipper.ship_checkpoint(self.checkpoints.save(step, epoch))
+                    if self.stop.requested:
+                        shipped = self.shipper.flush(self.stop.remaining(config.run.grace_seconds))
+                        raise Interrupted(step, shipped, self.shipper.store.url if shipped else self.local.root)
+        train_writer.close(), test_writer.close()
+        return chunk_times, last_eval
 
 
 def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model,

@@ -1,0 +1,199 @@
+"""Shipper: mirrors a local run folder to its Store while training runs; restore_run brings it back.
+
+Ordering rules that make the store safe to read (and to resume from) at any moment:
+- checkpoint data and index files are uploaded before the `checkpoints/checkpoint` pointer that
+  names them, and old checkpoints are deleted only after the pointer stops naming them;
+- files of model/ go before model/saved_model.pb, and metrics.json (the "finished" mark) goes last;
+- TensorBoard event files are sent as they grow, appending only the new bytes where the store can.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from typing import Callable
+
+from trainer.storage import RunFolder, Store, StoreUnavailable
+
+POINTER = "checkpoints/checkpoint"
+KEEP_CHECKPOINTS = 3
+_POINTER_PATHS = re.compile(r'^(model_checkpoint_path|all_model_checkpoint_paths): "([^"]+)"$', re.M)
+
+
+def checkpoint_pointer(latest: str, kept: list[str]) -> bytes:
+    """The text of a TensorFlow `checkpoint` state file naming `kept` (oldest first) and `latest`."""
+    lines = [f'model_checkpoint_path: "{latest}"'] + [f'all_model_checkpoint_paths: "{p}"' for p in kept]
+    return ("\n".join(lines) + "\n").encode()
+
+
+def parse_pointer(text: bytes) -> tuple[str | None, list[str]]:
+    """(latest, all kept) checkpoint names from a `checkpoint` state file (paths reduced to base names)."""
+    latest, kept = None, []
+    for key, value in _POINTER_PATHS.findall(text.decode(errors="replace")):
+        name = os.path.basename(value)
+        if key == "model_checkpoint_path":
+            latest = name
+        else:
+            kept.append(name)
+    return latest, kept
+
+
+def _order(name: str) -> tuple[int, str]:
+    # metrics.json marks a finished run and goes last; saved_model.pb completes model/.
+    rank = 2 if name == "metrics.json" else 1 if name in ("model/saved_model.pb", "model/fingerprint.pb") else 0
+    return rank, name
+
+
+def _is_shippable(name: str) -> bool:
+    parts = name.split("/")
+    if parts[0] == "checkpoints":  # shipped only by ship_checkpoint, in order
+        return False
+    # In-progress files: our atomic-write temporaries, the export's staging folder.
+    return not any(p.startswith(".") or p.endswith(".tmp") for p in parts)
+
+
+class Shipper:
+    """Background thread mirroring new and changed files of a local run folder to a Store."""
+
+    def __init__(self, local: RunFolder, store: Store, interval: float = 10.0,
+                 shipped_checkpoints: list[str] | None = None, log: Callable[[str], None] = print) -> None:
+        self.local, self.store, self.interval, self.log = local, store, interval, log
+        self._sent: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) now in the store
+        self._checkpoints = list(shipped_checkpoints or [])  # in the store, oldest first
+        self._pending_checkpoint: str | None = None
+        self._pass_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)
+        self.last_error: StoreUnavailable | None = None
+
+    def __enter__(self) -> "Shipper":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stopping.set()
+        self._wake.set()
+        self._thread.join(timeout=1.0)
+
+    def ship_checkpoint(self, path: str) -> None:
+        """Queue the checkpoint just saved at `path` (a newer one supersedes a queued older one)."""
+        self._pending_checkpoint = os.path.basename(path)
+        self._wake.set()
+
+    def flush(self, timeout: float) -> bool:
+        """Ship everything now, retrying until it is all in the store or `timeout` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._pass_lock.acquire(timeout=remaining):
+                return False
+            try:
+                if self._pass():
+                    return True
+            finally:
+                self._pass_lock.release()
+            time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stopping.is_set():
+                return
+            with self._pass_lock:
+                self._pass()
+
+    def _pass(self) -> bool:
+        """One mirroring pass; False (and the error kept for the next pass) if the store failed."""
+        try:
+            self._ship_files()
+            checkpoint = self._pending_checkpoint
+            if checkpoint is not None:
+                self._commit_checkpoint(checkpoint)
+                if self._pending_checkpoint == checkpoint:
+                    self._pending_checkpoint = None
+        except StoreUnavailable as error:
+            if self.last_error is None:
+                self.log(f"warning: store unreachable, will retry (training goes on): {error}")
+            self.last_error = error
+            return False
+        if self.last_error is not None:
+            self.log(f"store reachable again: {self.store.url}")
+            self.last_error = None
+        return True
+
+    def _local_files(self) -> list[str]:
+        names = []
+        for folder, _, files in os.walk(self.local.root):
+            for file in files:
+                name = os.path.relpath(os.path.join(folder, file), self.local.root).replace(os.sep, "/")
+                if _is_shippable(name):
+                    names.append(name)
+        return sorted(names, key=_order)
+
+    def _ship_files(self) -> None:
+        for name in self._local_files():
+            path = self.local.path(*name.split("/"))
+            try:
+                stat = os.stat(path)
+            except FileNotFoundError:  # replaced while we looked
+                continue
+            state = (stat.st_size, stat.st_mtime_ns)
+            sent = self._sent.get(name)
+            if sent == state:
+                continue
+            if not (sent is not None and "tfevents" in name and self._append(name, path, sent[0], stat.st_size)):
+                self.store.upload(path, name)
+            self._sent[name] = state
+
+    def _append(self, name: str, path: str, offset: int, size: int) -> bool:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            tail = f.read(size - offset)
+        return size > offset and len(tail) == size - offset and self.store.append(name, tail, offset)
+
+    def _commit_checkpoint(self, checkpoint: str) -> None:
+        folder = self.local.checkpoints
+        try:
+            files = sorted(f for f in os.listdir(folder) if f.startswith(f"{checkpoint}."))
+        except FileNotFoundError:
+            files = []
+        if not any(f.endswith(".index") for f in files):
+            return  # rotated away locally before we got to it; a newer checkpoint is queued
+        try:
+            for file in sorted(files, key=lambda f: f.endswith(".index")):  # data first, index last
+                self.store.upload(os.path.join(folder, file), f"checkpoints/{file}")
+        except FileNotFoundError:
+            return
+        kept = [c for c in self._checkpoints if c != checkpoint][-(KEEP_CHECKPOINTS - 1):] + [checkpoint]
+        self.store.write(POINTER, checkpoint_pointer(checkpoint, kept))
+        self._checkpoints = kept
+        for name in self.store.list("checkpoints/"):
+            base = name[len("checkpoints/"):].split(".")[0]
+            if name != POINTER and base not in kept:
+                self.store.delete(name)
+
+
+def restore_run(store: Store, local: RunFolder) -> list[str]:
+    """Bring a run's config, metrics and latest complete checkpoint from the store into an empty
+    local folder; return the checkpoints the store's pointer names (oldest first)."""
+    os.makedirs(local.checkpoints, exist_ok=True)
+    for name in ("config.json", "metrics.json"):
+        data = store.read(name)
+        if data is not None:
+            with open(local.path(name), "wb") as f:
+                f.write(data)
+    pointer = store.read(POINTER)
+    if pointer is None:
+        return []
+    latest, kept = parse_pointer(pointer)
+    if latest is None:
+        return []
+    for name in store.list(f"checkpoints/{latest}."):
+        store.download(name, local.path(*name.split("/")))
+    with open(local.path(*POINTER.split("/")), "wb") as f:
+        f.write(checkpoint_pointer(latest, [latest]))
+    return kept

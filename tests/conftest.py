@@ -40,10 +40,31 @@ def mnist(data_dir: str) -> dict:
     return {split: load_split(config, split) for split in ("train", "test")}
 
 
-def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """Run `python -m trainer ARGS` in a fresh process."""
+def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m trainer ARGS` in a fresh process (environment: ours, updated by `env`)."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    """A GCS-compatible server on loopback; google-cloud-storage reaches it via STORAGE_EMULATOR_HOST."""
+    from gcs import Emulator
+
+    server = Emulator()
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(emulator, request) -> str:
+    """A new, empty bucket on the emulator; its name."""
+    from google.cloud import storage
+
+    name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    storage.Client().create_bucket(name)
+    return name
 
 
 def error_lines(stderr: str) -> list[str]:

@@ -115,7 +115,8 @@ class Shipper:
                 self._commit_checkpoint(checkpoint)
                 if self._pending_checkpoint == checkpoint:
                     self._pending_checkpoint = None
-        except StoreUnavailable as error:
+        except Exception as error:  # noqa: BLE001 - the shipper must never stop training
+            error = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"{type(error).__name__}: {error}")
             if self.last_error is None:
                 self.log(f"warning: store unreachable, will retry (training goes on): {error}")
             self.last_error = error

@@ -223,8 +223,10 @@ class GCSStore(Store):
             return fn(*args, retry=self.retry, timeout=REQUEST_TIMEOUT, **kwargs)
         except api.Forbidden as error:
             raise ConfigError(f"no permission on gs://{self.bucket_name}: {error.message}") from error
-        except (api.RetryError, api.ServerError, api.TooManyRequests, TransportError, ConnectionError,
-                TimeoutError, OSError) as error:
+        except (api.NotFound, api.PreconditionFailed):
+            raise  # answers, not failures: the callers handle them
+        except (api.GoogleAPICallError, api.RetryError, TransportError, ConnectionError, TimeoutError,
+                OSError) as error:
             raise StoreUnavailable(f"{self.url}: {type(error).__name__}: {str(error)[:200]}") from error
 
     def check(self) -> None:
@@ -269,8 +271,10 @@ class GCSStore(Store):
             return False
         part = self.bucket.blob(self._key(f"{UPLOADS}/{uuid.uuid4().hex}"))
         self._call(part.upload_from_string, data)
+        # A fresh destination object: the reloaded one carries the old checksum, which GCS would check.
+        destination = self.bucket.blob(self._key(name))
         try:
-            self._call(target.compose, [target, part], if_generation_match=target.generation)
+            self._call(destination.compose, [target, part], if_generation_match=target.generation)
         except api.PreconditionFailed:
             self._call(target.reload)
             return target.size == offset + len(data)
@@ -291,10 +295,10 @@ class GCSStore(Store):
             pass
 
 
-def open_store(output_dir: str, run: str) -> Store:
+def open_store(output_dir: str, run: str, retry_seconds: float = 60.0) -> Store:
     """The store for `<output_dir>/<run>`: GCS for gs:// locations, else a local folder."""
     if output_dir.startswith("gs://"):
-        return GCSStore(f"{output_dir.rstrip('/')}/{run}")
+        return GCSStore(f"{output_dir.rstrip('/')}/{run}", retry_seconds)
     return LocalStore(os.path.join(output_dir, run))
 
 

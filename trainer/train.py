@@ -48,9 +48,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
     """Train (or resume from the store) the configured run, evaluate and export it; return its metrics."""
     started = time.time()
     with StopSignal() as stop:
-        store = open_store(config.run.output_dir, config.run.run)
+        store = open_store(config.run.output_dir, config.run.run, min(60.0, config.run.store_timeout))
         store.check()
-        # The store is the truth: scratch starts empty and is filled from the store.
+        # The store is the truth: scratch is a cache that starts empty and is filled from the store.
         local = scratch_folder(config)
         shutil.rmtree(local.root, ignore_errors=True)
         shipped = restore_run(store, local)
@@ -67,7 +67,6 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         finished = local.read_json("metrics.json")
         if finished is not None and finished.get("steps") == total_steps:
             log(f"run {store.url} already finished {total_steps} steps; nothing to train")
-            shutil.rmtree(local.root, ignore_errors=True)
             return finished
 
         strategy = strategy or make_strategy(config.runtime)
@@ -116,7 +115,6 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
             if not shipper.flush(config.run.store_timeout):
                 raise StoreUnavailable(f"could not ship the run to {store.url} ({shipper.last_error}); "
                                        f"everything is kept in {local.root}")
-    shutil.rmtree(local.root, ignore_errors=True)
     return metrics
 
 

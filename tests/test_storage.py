@@ -1,0 +1,302 @@
+"""Stores and the shipper against a real GCS-compatible server on loopback, and whole runs to gs://."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import tensorflow as tf
+from google.cloud import storage
+
+from conftest import ROOT, error_lines, run_cli
+from gcs import Emulator, FlakyProxy
+from trainer.shipper import POINTER, Shipper, parse_pointer, restore_run
+from trainer.storage import GCSStore, LocalStore, RunFolder
+
+TRAIN = ["train", "--model", "mlp300", "--batch-size", "100", "--steps-per-loop", "20"]
+TOTAL = 600  # steps of one mlp300 epoch at batch 100
+
+
+@pytest.fixture(params=["local", "gcs"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return LocalStore(str(tmp_path / "store"))
+    name = request.getfixturevalue("bucket")
+    return GCSStore(f"gs://{name}/some/prefix")
+
+
+def test_store_contract(store, tmp_path):
+    store.check()
+    assert store.read("a/b.txt") is None and store.list() == {}
+    store.write("a/b.txt", b"hello")
+    (tmp_path / "f.bin").write_bytes(b"x" * 1000)
+    store.upload(str(tmp_path / "f.bin"), "c/f.bin")
+    assert store.list() == {"a/b.txt": 5, "c/f.bin": 1000} and store.list("c/") == {"c/f.bin": 1000}
+    assert store.append("a/b.txt", b", world", 5) is True
+    assert store.append("a/b.txt", b"!", 3) is False  # wrong offset: refused, object untouched
+    assert store.read("a/b.txt") == b"hello, world"
+    store.download("a/b.txt", str(tmp_path / "down" / "b.txt"))
+    assert (tmp_path / "down" / "b.txt").read_bytes() == b"hello, world"
+    store.delete("a/b.txt")
+    store.delete("a/b.txt")  # deleting twice is fine
+    assert store.read("a/b.txt") is None and list(store.list()) == ["c/f.bin"]
+
+
+def _blobs(bucket: str, prefix: str) -> dict[str, bytes]:
+    client = storage.Client()
+    return {b.name[len(prefix) + 1:]: b.download_as_bytes() for b in client.list_blobs(bucket, prefix=prefix + "/")}
+
+
+def _local_files(root: str) -> dict[str, bytes]:
+    found = {}
+    for folder, _, files in os.walk(root):
+        for file in files:
+            path = os.path.join(folder, file)
+            found[os.path.relpath(path, root).replace(os.sep, "/")] = open(path, "rb").read()
+    return found
+
+
+def test_whole_run_to_gcs_is_byte_for_byte_and_evaluate_reads_it(bucket, data_dir, tmp_path):
+    scratch = tmp_path / "scratch"
+    result = run_cli(*TRAIN, "--epochs", "1", "--output-dir", f"gs://{bucket}/exp", "--run", "r1",
+                     "--data-dir", data_dir, "--scratch-dir", str(scratch), "--ship-every", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run folder: gs://{bucket}/exp/r1" in result.stdout
+    stored = _blobs(bucket, "exp/r1")
+    local = _local_files(str(scratch / "r1"))
+    assert set(stored) == set(local)
+    for name in set(local) - {POINTER}:
+        assert stored[name] == local[name], name
+    # The store's pointer is written by the shipper (naming only shipped checkpoints), not copied.
+    assert parse_pointer(stored[POINTER])[0] == parse_pointer(local[POINTER])[0] == "ckpt-600"
+    for name in ("config.json", "metrics.json", "model/saved_model.pb", "checkpoints/ckpt-600.index"):
+        assert name in stored
+    assert any(n.startswith("logs/train/") and "tfevents" in n for n in stored)
+
+    result = run_cli("evaluate", "--output-dir", f"gs://{bucket}/exp", "--run", "r1", "--data-dir", data_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import json
+    assert json.loads(result.stdout)["test_accuracy"] == json.loads(stored["metrics.json"])["test_accuracy"]
+
+
+def test_event_files_are_appended_not_resent(bucket, emulator, tmp_path, monkeypatch):
+    local = RunFolder(str(tmp_path / "run"))
+    os.makedirs(local.path("logs", "train"))
+    events = local.path("logs", "train", "events.out.tfevents.1.host")
+    counter = FlakyProxy(emulator.port, failure_rate=0.0)
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", counter.url)  # count the bytes the store is sent
+    store = GCSStore(f"gs://{bucket}/p")
+    try:
+        with Shipper(local, store, interval=3600) as shipper:
+            with open(events, "wb") as f:
+                f.write(b"a" * 100_000)
+            assert shipper.flush(30)
+            first = counter.body_bytes
+            with open(events, "ab") as f:
+                f.write(b"b" * 10)
+            assert shipper.flush(30)
+            second = counter.body_bytes - first
+    finally:
+        counter.stop()
+        monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+    blob = storage.Client().bucket(bucket).get_blob("p/logs/train/events.out.tfevents.1.host")
+    assert blob.download_as_bytes() == b"a" * 100_000 + b"b" * 10
+    assert first > 100_000 and second < 5_000  # only the tail (and a compose request) went out
+    assert not list(storage.Client().list_blobs(bucket, prefix="p/.uploads"))
+
+
+def _checkpoint_steps(store_files: dict) -> list[int]:
+    return sorted(int(n.split("-")[1].split(".")[0]) for n in store_files if n.endswith(".index"))
+
+
+def test_resume_on_an_empty_machine_from_the_bucket(bucket, data_dir, tmp_path):
+    args = [*TRAIN, "--epochs", "2", "--output-dir", f"gs://{bucket}/exp", "--run", "r", "--data-dir", data_dir,
+            "--checkpoint-every", "100", "--ship-every", "0.5"]
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--scratch-dir", str(tmp_path / "a")],
+                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    store = GCSStore(f"gs://{bucket}/exp/r")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not _checkpoint_steps(store.list("checkpoints/")):
+        time.sleep(0.2)
+    process.kill()  # the machine is gone, its scratch too
+    process.wait()
+    saved = parse_pointer(store.read(POINTER))[0]
+    step = int(saved.split("-")[1])
+    assert 0 < step < 2 * TOTAL
+    result = run_cli(*args, "--scratch-dir", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resuming gs://{bucket}/exp/r from step " in result.stderr
+    resumed_from = int(result.stderr.split(f"resuming gs://{bucket}/exp/r from step ")[1].split()[0])
+    assert resumed_from >= step
+    import json
+    metrics = json.loads(store.read("metrics.json"))
+    assert metrics["steps"] == 2 * TOTAL and metrics["resumed_from_step"] == resumed_from
+
+
+def test_sigterm_saves_ships_and_exits_75_then_resumes(bucket, data_dir, tmp_path):
+    args = [*TRAIN, "--epochs", "2", "--output-dir", f"gs://{bucket}/exp", "--run", "r", "--data-dir", data_dir,
+            "--checkpoint-every", "1000", "--ship-every", "0.5", "--scratch-dir", str(tmp_path)]
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    store = GCSStore(f"gs://{bucket}/exp/r")
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None and not store.list("logs/train/"):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert time.monotonic() - signalled < 25  # within the default grace
+    assert process.returncode == 75, stderr[-3000:]
+    assert f"shipped to gs://{bucket}/exp/r" in error_lines(stderr)[0]
+    step = int(parse_pointer(store.read(POINTER))[0].split("-")[1])
+    assert 0 < step < 2 * TOTAL and step % 20 == 0  # saved at the step it stopped, not at a schedule
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from step {step} of {2 * TOTAL}" in result.stderr
+
+
+def _check_ordered_commit(bucket: str, prefix: str, workdir: str) -> str:
+    """One observation: the pointer names only complete checkpoints ('checked'), or there is no pointer
+    yet ('empty'), or the pointer moved on while we read (superseded: not an observation)."""
+    os.makedirs(workdir)
+    store = GCSStore(f"gs://{bucket}/{prefix}")
+    pointer = store.read(POINTER)
+    if pointer is None:
+        return "empty"
+    latest, kept = parse_pointer(pointer)
+    for name in [latest] + kept:
+        local = os.path.join(workdir, name)
+        try:
+            files = [n for n in store.list(f"checkpoints/{name}.")]
+            for file in files:
+                store.download(file, os.path.join(workdir, file.split("/")[-1]))
+            reader = tf.train.load_checkpoint(local)
+            for variable in reader.get_variable_to_shape_map():
+                reader.get_tensor(variable)
+        except Exception:
+            if store.read(POINTER) != pointer:
+                return "superseded"
+            raise AssertionError(f"pointer names missing or partial checkpoint {name}: {files}")
+    return "checked"
+
+
+def test_kill_9_at_random_moments_never_exposes_a_partial_checkpoint(bucket, data_dir, tmp_path):
+    args = [*TRAIN, "--epochs", "2", "--output-dir", f"gs://{bucket}/exp", "--run", "r", "--data-dir", data_dir,
+            "--checkpoint-every", "40", "--ship-every", "0.2", "--scratch-dir", str(tmp_path / "scratch")]
+    outcomes, stop, failures = [], threading.Event(), []
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                outcomes.append(_check_ordered_commit(bucket, "exp/r", str(tmp_path / f"obs{len(outcomes)}")))
+            except AssertionError as violation:
+                failures.append(str(violation))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    rng = random.Random(7)
+    steps_seen = []
+    try:
+        for _ in range(3):
+            process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(rng.uniform(6.0, 12.0))
+            process.kill()
+            process.wait()
+            pointer = GCSStore(f"gs://{bucket}/exp/r").read(POINTER)
+            steps_seen.append(int(parse_pointer(pointer)[0].split("-")[1]) if pointer else 0)
+        result = run_cli(*args)
+    finally:
+        stop.set()
+        watcher.join(timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert steps_seen == sorted(steps_seen) and steps_seen[-1] > 0  # progress survives each kill
+    assert not failures, failures[:3]
+    assert outcomes.count("checked") >= 10
+    assert _check_ordered_commit(bucket, "exp/r", str(tmp_path / "final")) == "checked"
+
+
+def test_a_flaky_server_is_retried_and_the_run_arrives_whole(emulator, data_dir, tmp_path):
+    storage.Client().create_bucket("flaky")
+    proxy = FlakyProxy(emulator.port, failure_rate=0.25, seed=1)
+    try:
+        result = run_cli(*TRAIN, "--epochs", "1", "--output-dir", "gs://flaky/exp", "--run", "r",
+                         "--data-dir", data_dir, "--scratch-dir", str(tmp_path), "--ship-every", "0.5",
+                         env={"STORAGE_EMULATOR_HOST": proxy.url})
+    finally:
+        proxy.stop()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert proxy.failures >= 5 and proxy.requests > proxy.failures
+    stored = _blobs("flaky", "exp/r")
+    local = _local_files(str(tmp_path / "r"))
+    assert set(stored) == set(local) and all(stored[n] == local[n] for n in set(local) - {POINTER})
+
+
+def test_a_server_that_is_down_at_start_is_one_line_before_training(data_dir, tmp_path):
+    from gcs import free_port
+
+    result = run_cli(*TRAIN, "--output-dir", "gs://somewhere/exp", "--run", "r", "--data-dir", data_dir,
+                     "--store-timeout", "3", "--scratch-dir", str(tmp_path),
+                     env={"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{free_port()}"})
+    assert result.returncode == 74
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "gs://somewhere/exp/r" in errors[0]
+    assert not os.path.exists(tmp_path / "r" / "logs")  # no training started
+
+
+def test_a_server_that_goes_down_fails_at_the_end_and_keeps_everything(data_dir, tmp_path):
+    server = Emulator()
+    env = {"STORAGE_EMULATOR_HOST": server.url}
+    subprocess.run([sys.executable, "-c", "from google.cloud import storage; storage.Client().create_bucket('doomed')"],
+                   env={**os.environ, **env}, check=True)
+    args = [*TRAIN, "--epochs", "1", "--output-dir", "gs://doomed/exp", "--run", "r", "--data-dir", data_dir,
+            "--scratch-dir", str(tmp_path), "--ship-every", "0.5", "--store-timeout", "3"]
+    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
+    deadline = time.time() + 300
+    while time.time() < deadline and not os.path.exists(tmp_path / "r" / "logs" / "train"):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    server.stop()
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 74, stderr[-3000:]
+    errors = error_lines(stderr)
+    assert len(errors) == 1 and f"everything is kept in {tmp_path / 'r'}" in errors[0]
+    assert "warning: store unreachable" in stderr
+    for name in ("metrics.json", "model/saved_model.pb", "checkpoints/checkpoint"):
+        assert os.path.exists(tmp_path / "r" / name)
+
+
+def test_missing_bucket_and_missing_credentials_are_one_line_exit_2(emulator, data_dir, tmp_path):
+    result = run_cli(*TRAIN, "--output-dir", "gs://no-such-bucket/exp", "--run", "r", "--data-dir", data_dir)
+    assert result.returncode == 2
+    assert error_lines(result.stderr) == ["error: bucket gs://no-such-bucket does not exist"]
+    env = {k: v for k, v in os.environ.items() if k not in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS")}
+    env.update(HOME=str(tmp_path), CLOUDSDK_CONFIG=str(tmp_path / "gcloud"), NO_GCE_CHECK="true")
+    result = subprocess.run([sys.executable, "-m", "trainer", *TRAIN, "--output-dir", "gs://some-bucket/exp", "--run", "r",
+                             "--data-dir", data_dir], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and "no Google Cloud credentials" in errors[0]
+
+
+def test_restore_run_brings_only_the_latest_checkpoint(tmp_path):
+    store = LocalStore(str(tmp_path / "store"))
+    for step in (100, 200):
+        store.write(f"checkpoints/ckpt-{step}.index", b"i")
+        store.write(f"checkpoints/ckpt-{step}.data-00000-of-00001", b"d")
+    store.write(POINTER, b'model_checkpoint_path: "ckpt-200"\nall_model_checkpoint_paths: "ckpt-100"\n'
+                         b'all_model_checkpoint_paths: "ckpt-200"\n')
+    store.write("config.json", b"{}")
+    local = RunFolder(str(tmp_path / "scratch"))
+    assert restore_run(store, local) == ["ckpt-100", "ckpt-200"]
+    assert sorted(os.listdir(local.checkpoints)) == ["checkpoint", "ckpt-200.data-00000-of-00001", "ckpt-200.index"]
+    assert os.path.exists(local.path("config.json")) and not os.path.exists(local.path("metrics.json"))

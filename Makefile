@@ -9,7 +9,7 @@ TRAIN_ARGS  ?=
 PYTEST_ARGS ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: install train test data clean
+.PHONY: install train test bench data clean
 
 install: $(VENV)/.installed $(FASHION_MNIST)/train-images-idx3-ubyte.gz
 
@@ -34,6 +34,9 @@ train: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -34,7 +34,7 @@ def _train(output_dir: str, run: str, work: str, env: dict[str, str]) -> float:
         return float(json.load(f)["examples_per_sec"])
 
 
-def run(rounds: int = 2) -> dict[str, Any]:
+def run(rounds: int = 3) -> dict[str, Any]:
     """Alternate local and gs:// runs; return medians and the relative overhead."""
     server = Emulator()
     env = {**os.environ, "STORAGE_EMULATOR_HOST": server.url}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -62,7 +63,7 @@ def _local_files(root: str) -> dict[str, bytes]:
     return found
 
 
-def test_whole_run_to_gcs_is_byte_for_byte_and_evaluate_reads_it(bucket, data_dir, tmp_path):
+def test_whole_run_to_gcs_is_byte_for_byte_and_evaluate_reads_it(bucket, data_dir, mnist, tmp_path):
     scratch = tmp_path / "scratch"
     result = run_cli(*TRAIN, "--epochs", "1", "--output-dir", f"gs://{bucket}/exp", "--run", "r1",
                      "--data-dir", data_dir, "--scratch-dir", str(scratch), "--ship-every", "1")
@@ -81,8 +82,12 @@ def test_whole_run_to_gcs_is_byte_for_byte_and_evaluate_reads_it(bucket, data_di
 
     result = run_cli("evaluate", "--output-dir", f"gs://{bucket}/exp", "--run", "r1", "--data-dir", data_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    import json
     assert json.loads(result.stdout)["test_accuracy"] == json.loads(stored["metrics.json"])["test_accuracy"]
+    png = tmp_path / "seven.png"
+    png.write_bytes(tf.io.encode_png(mnist["test"].images[0]).numpy())
+    result = run_cli("predict", "--output-dir", f"gs://{bucket}/exp", "--run", "r1", str(png))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\t")[1] == "7"
 
 
 def test_event_files_are_appended_not_resent(bucket, emulator, tmp_path, monkeypatch):
@@ -134,7 +139,6 @@ def test_resume_on_an_empty_machine_from_the_bucket(bucket, data_dir, tmp_path):
     assert f"resuming gs://{bucket}/exp/r from step " in result.stderr
     resumed_from = int(result.stderr.split(f"resuming gs://{bucket}/exp/r from step ")[1].split()[0])
     assert resumed_from >= step
-    import json
     metrics = json.loads(store.read("metrics.json"))
     assert metrics["steps"] == 2 * TOTAL and metrics["resumed_from_step"] == resumed_from
 

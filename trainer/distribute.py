@@ -1,10 +1,59 @@
-"""make_strategy(runtime config) -> tf.distribute.Strategy, created once and passed down."""
+"""make_strategy(runtime config) -> tf.distribute.Strategy, created once and passed down.
+
+One node: MirroredStrategy over its GPUs (or N logical CPUs). Several nodes: MultiWorkerMirroredStrategy,
+with TF_CONFIG built at start from TRAINER_WORKERS (every worker's host:port, set by the launcher)
+and the pod's JOB_COMPLETION_INDEX (set by Kubernetes for Indexed Jobs).
+"""
 
 from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Mapping
 
 import tensorflow as tf
 
 from trainer.config import ConfigError, RuntimeConfig
+
+WORKERS_ENV = "TRAINER_WORKERS"
+INDEX_ENV = "JOB_COMPLETION_INDEX"
+_ADDRESS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[0-9]{1,5}$")
+
+
+def tf_config(workers: list[str], index: int) -> dict[str, Any]:
+    """The TF_CONFIG of worker `index` in a cluster of `workers` (host:port each), validated."""
+    if len(workers) < 2:
+        raise ConfigError(f"a multi-worker cluster needs at least 2 workers, got {len(workers)}")
+    for address in workers:
+        if not _ADDRESS.match(address) or not 0 < int(address.rsplit(":", 1)[1]) < 65536:
+            raise ConfigError(f"bad worker address {address!r} (want host:port)")
+    if len(set(workers)) != len(workers):
+        raise ConfigError(f"duplicate worker addresses in {workers}")
+    if not 0 <= index < len(workers):
+        raise ConfigError(f"worker index {index} is outside 0..{len(workers) - 1}")
+    return {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
+
+
+def configure_cluster(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
+    """Build and export TF_CONFIG from TRAINER_WORKERS and JOB_COMPLETION_INDEX, or validate a given
+    TF_CONFIG; None on a single node."""
+    if environ.get("TF_CONFIG"):
+        try:
+            given = json.loads(environ["TF_CONFIG"])
+            config = tf_config(given["cluster"]["worker"], int(given["task"]["index"]))
+        except (ValueError, KeyError, TypeError) as error:
+            raise ConfigError(f"unusable TF_CONFIG: {error}") from error
+        return config
+    if not environ.get(WORKERS_ENV):
+        return None
+    try:
+        index = int(environ.get(INDEX_ENV, ""))
+    except ValueError as error:
+        raise ConfigError(f"{WORKERS_ENV} is set but {INDEX_ENV} is not a number") from error
+    config = tf_config(environ[WORKERS_ENV].split(","), index)
+    os.environ["TF_CONFIG"] = json.dumps(config)
+    return config
 
 
 def split_cpu(replicas: int) -> None:
@@ -22,7 +71,12 @@ def split_cpu(replicas: int) -> None:
 
 
 def make_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
-    """MirroredStrategy over all visible GPUs (or the CPU), or over N logical CPUs if asked."""
+    """MultiWorkerMirroredStrategy in a cluster; else MirroredStrategy over all GPUs, the CPU, or N logical CPUs."""
+    if configure_cluster() is not None:
+        if runtime.cpu_replicas > 1:
+            raise ConfigError("--cpu-replicas cannot be combined with a multi-worker cluster")
+        # Collectives pick NCCL on GPUs and gRPC rings on CPUs by themselves.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if runtime.cpu_replicas:
         split_cpu(runtime.cpu_replicas)
         devices = [d.name for d in tf.config.list_logical_devices("CPU")][: runtime.cpu_replicas]
@@ -31,6 +85,31 @@ def make_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy()
 
 
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True on the worker that writes the run (worker 0 of our clusters), and always on a single node."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
+
+
+def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """True if `flag` is true on any worker, so that all workers take the same branch (e.g. stop)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return flag
+    local = tf.constant(1 if flag else 0)
+    agreed = _all_sum(strategy, local)
+    return bool(agreed.numpy())
+
+
+@tf.function
+def _all_sum(strategy: tf.distribute.Strategy, value: tf.Tensor) -> tf.Tensor:
+    per_replica = strategy.run(lambda: tf.identity(value))
+    return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
 def describe(strategy: tf.distribute.Strategy) -> str:
-    """Short name such as 'MirroredStrategy'."""
+    """Short name such as 'MirroredStrategy' or 'MultiWorkerMirroredStrategy'."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return "MultiWorkerMirroredStrategy"  # the class itself is called CollectiveAllReduceStrategy
     return type(strategy).__name__

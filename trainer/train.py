@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from trainer import data as data_lib
 from trainer.checkpoints import Checkpoints, StopSignal
 from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts
-from trainer.distribute import describe, make_strategy
+from trainer.distribute import any_worker, describe, is_chief, make_strategy
 from trainer.evaluate import evaluate_distributed
 from trainer.export import export_model
 from trainer.models import build_model, build_optimizer
@@ -91,7 +92,10 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         if start_step:
             log(f"resuming {store.url} from step {start_step} of {total_steps}")
 
-        with Shipper(local, store, config.run.ship_every, shipped, log) as shipper:
+        # Every worker trains and saves; only the chief's folder is shipped to the store.
+        chief = is_chief(strategy)
+        shipper = Shipper(local, store, config.run.ship_every, shipped, log) if chief else None
+        with shipper or contextlib.nullcontext():
             loop = _Loop(config, strategy, model, optimizer, checkpoints, shipper, stop, local)
             chunk_times, last_eval = loop.run(train, test, start_step, total_steps)
             final = last_eval or evaluate_distributed(strategy, model, test, global_batch)
@@ -112,7 +116,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
                 "data_source": train.source,
             }
             local.write_json("metrics.json", metrics)
-            if not shipper.flush(config.run.store_timeout):
+            if shipper and not shipper.flush(config.run.store_timeout):
                 raise StoreUnavailable(f"could not ship the run to {store.url} ({shipper.last_error}); "
                                        f"everything is kept in {local.root}")
     return metrics
@@ -122,7 +126,7 @@ class _Loop:
     """The training loop: chunks of steps, logging, per-epoch evaluation, checkpoints, SIGTERM."""
 
     def __init__(self, config: Config, strategy: tf.distribute.Strategy, model: keras.Model,
-                 optimizer: keras.optimizers.Optimizer, checkpoints: Checkpoints, shipper: Shipper,
+                 optimizer: keras.optimizers.Optimizer, checkpoints: Checkpoints, shipper: Shipper | None,
                  stop: StopSignal, local: RunFolder) -> None:
         self.config, self.strategy, self.model, self.optimizer = config, strategy, model, optimizer
         self.checkpoints, self.shipper, self.stop, self.local = checkpoints, shipper, stop, local
@@ -132,9 +136,10 @@ class _Loop:
         """Train from start_step to total_steps; return per-call timings and the last evaluation."""
         config, global_batch = self.config, self.config.run.batch_size
         per_epoch = data_lib.steps_per_epoch(len(train), global_batch)
-        train_writer = tf.summary.create_file_writer(self.local.path("logs", "train"))
-        test_writer = tf.summary.create_file_writer(self.local.path("logs", "test"))
-        if start_step == 0:
+        chief = self.shipper is not None
+        train_writer = _writer(self.local.path("logs", "train"), chief)
+        test_writer = _writer(self.local.path("logs", "test"), chief)
+        if start_step == 0 and chief:
             _log_run_start(self.local.logs, train_writer, config, train)
         dataset = self.strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
             train, global_batch, config.run.epochs, config.run.seed, start_step, config.data.augment))
@@ -143,7 +148,7 @@ class _Loop:
 
         step, last_eval = start_step, None
         chunk_times: list[tuple[int, float]] = []  # (examples, seconds) per tf.function call
-        with _progress(total_steps, start_step) as bar:
+        with _progress(total_steps, start_step, chief) as bar:
             while step < total_steps:
                 epoch_end = (step // per_epoch + 1) * per_epoch
                 n = min(config.run.steps_per_loop, epoch_end - step)
@@ -166,14 +171,22 @@ class _Loop:
                     bar.write(f"epoch {epoch}/{config.run.epochs}: test accuracy "
                               f"{last_eval['test_accuracy']:.4f} loss {last_eval['test_loss']:.4f}", file=sys.stderr)
                 every = config.run.checkpoint_every
-                if step == epoch_end or step // every > previous // every or self.stop.requested:
+                stopping = any_worker(self.strategy, self.stop.requested)  # all workers stop at one step
+                if step == epoch_end or step // every > previous // every or stopping:
                     train_writer.flush(), test_writer.flush()
-                    self.shipper.ship_checkpoint(self.checkpoints.save(step, epoch))
-                    if self.stop.requested:
-                        shipped = self.shipper.flush(self.stop.remaining(config.run.grace_seconds))
-                        raise Interrupted(step, shipped, self.shipper.store.url if shipped else self.local.root)
+                    saved = self.checkpoints.save(step, epoch)
+                    if self.shipper:
+                        self.shipper.ship_checkpoint(saved)
+                    if stopping:
+                        self._interrupted(step)
         train_writer.close(), test_writer.close()
         return chunk_times, last_eval
+
+    def _interrupted(self, step: int) -> None:
+        if self.shipper is None:
+            raise Interrupted(step, False, self.local.root)
+        shipped = self.shipper.flush(self.stop.remaining(self.config.run.grace_seconds))
+        raise Interrupted(step, shipped, self.shipper.store.url if shipped else self.local.root)
 
 
 def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model,
@@ -198,10 +211,9 @@ def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model,
     def train_chunk(iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
         for _ in tf.range(steps):
-            per_replica = strategy.run(replica_step, args=next(iterator))
-            loss, right = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-            loss_sum += loss
-            correct += right
+            loss, right = strategy.run(replica_step, args=next(iterator))
+            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            correct += strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None)
         return loss_sum, correct
 
     return train_chunk
@@ -231,7 +243,12 @@ def _log_run_start(logs: str, train_writer: tf.summary.SummaryWriter, config: Co
                          max_outputs=SAMPLE_IMAGES)
 
 
-def _progress(total: int, initial: int) -> tqdm:
+def _writer(logdir: str, chief: bool) -> tf.summary.SummaryWriter:
+    """A TensorBoard writer on the chief; a writer that discards everything on other workers."""
+    return tf.summary.create_file_writer(logdir) if chief else tf.summary.create_noop_writer()
+
+
+def _progress(total: int, initial: int, show: bool) -> tqdm:
     """A progress bar with ETA; sparse updates when stderr is a log file, not a terminal."""
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
+    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, disable=not show,
                 miniters=1, mininterval=0.5 if sys.stderr.isatty() else 30.0)

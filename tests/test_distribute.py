@@ -1,0 +1,86 @@
+"""Strategies: TF_CONFIG from the launcher's environment, and two real worker processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import ROOT
+from gcs import free_port
+from trainer.config import ConfigError, RuntimeConfig
+from trainer.distribute import INDEX_ENV, WORKERS_ENV, configure_cluster, make_strategy, tf_config
+
+
+def test_tf_config_from_the_launchers_environment(monkeypatch):
+    monkeypatch.setenv("TF_CONFIG", "")  # restored (removed) after the test
+    env = {WORKERS_ENV: "r-0.r:2222,r-1.r:2222,r-2.r:2222", INDEX_ENV: "2"}
+    config = configure_cluster(env)
+    assert config == {"cluster": {"worker": ["r-0.r:2222", "r-1.r:2222", "r-2.r:2222"]},
+                      "task": {"type": "worker", "index": 2}}
+    assert json.loads(os.environ["TF_CONFIG"]) == config
+    assert configure_cluster({}) is None
+
+
+@pytest.mark.parametrize("workers, index, message", [
+    (["a:1"], 0, "at least 2 workers"),
+    (["a:1", "b:2"], 2, "outside 0..1"),
+    (["a:1", "b:2"], -1, "outside 0..1"),
+    (["a:1", "a:1"], 0, "duplicate"),
+    (["a:1", "b"], 0, "bad worker address 'b'"),
+    (["a:1", "b:99999"], 0, "bad worker address"),
+    (["a:1", "http://b:2"], 0, "bad worker address"),
+])
+def test_bad_clusters_are_refused(workers, index, message):
+    with pytest.raises(ConfigError, match=message):
+        tf_config(workers, index)
+
+
+def test_index_must_be_set_with_workers():
+    with pytest.raises(ConfigError, match="JOB_COMPLETION_INDEX"):
+        configure_cluster({WORKERS_ENV: "a:1,b:2"})
+
+
+def test_mirrored_strategy_on_logical_cpus():
+    strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
+    assert isinstance(strategy, tf.distribute.MirroredStrategy) and strategy.num_replicas_in_sync == 2
+    assert make_strategy(RuntimeConfig(cpu_replicas=1)).num_replicas_in_sync == 1
+
+
+def _variables(prefix: str) -> dict[str, np.ndarray]:
+    reader = tf.train.load_checkpoint(prefix)
+    return {name: reader.get_tensor(name) for name in reader.get_variable_to_shape_map()
+            if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
+
+
+def test_two_worker_processes_train_together_and_only_the_chief_writes(tmp_path, data_dir):
+    workers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    output = tmp_path / "runs"
+    processes = []
+    for index in range(2):
+        env = {**os.environ, WORKERS_ENV: workers, INDEX_ENV: str(index)}
+        env.pop("TF_CONFIG", None)
+        args = ["train", "--model", "mlp300", "--epochs", "1", "--batch-size", "200", "--steps-per-loop", "50",
+                "--output-dir", str(output), "--run", "mw", "--data-dir", data_dir,
+                "--scratch-dir", str(tmp_path / f"scratch{index}")]
+        processes.append(subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    metrics = json.loads((output / "mw" / "metrics.json").read_text())
+    assert metrics["strategy"] == "MultiWorkerMirroredStrategy" and metrics["replicas"] == 2
+    assert metrics["steps"] == 300 and metrics["test_accuracy"] > 0.9
+    assert os.listdir(output) == ["mw"]  # worker 1 wrote nothing to the store
+    chief = _variables(str(output / "mw" / "checkpoints" / "ckpt-300"))
+    worker = _variables(str(tmp_path / "scratch1" / "mw" / "checkpoints" / "ckpt-300"))
+    assert chief.keys() == worker.keys()
+    assert chief["optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"].shape == (784, 300)  # weights
+    for name in chief:
+        np.testing.assert_array_equal(chief[name], worker[name], err_msg=name)
+    assert not os.path.exists(tmp_path / "scratch1" / "mw" / "logs" / "train")  # no TensorBoard on workers

@@ -1,15 +1,29 @@
-# One place for every knob: override on the command line, e.g. `make train MODEL=mlp300 EPOCHS=5`.
+# Every knob is a make variable, defined once here: `make submit BUCKET=my-bucket GPUS=4 MODEL=convnet_bn`.
+# Hyper-parameters not listed go through TRAIN_ARGS (trainer flags; see `python -m trainer train --help`).
 PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
 MODEL       ?= cnn
 DATASET     ?= mnist
+EPOCHS      ?=
+RUN         ?=
 OUTPUT_DIR  ?= runs
 TRAIN_ARGS  ?=
 PYTEST_ARGS ?=
+# Container and cluster
+REGISTRY    ?= REGION-docker.pkg.dev/PROJECT/mnist
+IMAGE       ?= $(REGISTRY)/mnist-trainer
+TAG         ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+BUCKET      ?=
+REMOTE_DIR  ?= gs://$(BUCKET)/runs
+GPUS        ?= 1
+WORKERS     ?= 1
+GPU_TYPE    ?=
+NAMESPACE   ?= default
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-.PHONY: install train test bench data clean
+.PHONY: install train test bench data manifests image push submit local tensorboard clean
 
 install: $(VENV)/.installed $(FASHION_MNIST)/train-images-idx3-ubyte.gz
 
@@ -21,7 +35,7 @@ $(VENV)/.installed: setup.py $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-# Fashion-MNIST's offline copy comes from Debian's dataset-fashion-mnist (needs root, as in CI and the image).
+# Fashion-MNIST's offline copy comes from Debian's dataset-fashion-mnist (needs root, as in CI).
 $(FASHION_MNIST)/train-images-idx3-ubyte.gz:
 	apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null \
 	  || (apt-get update -qq && apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null)
@@ -30,13 +44,37 @@ data: install
 	$(PY) -m trainer data
 
 train: install
-	$(PY) -m trainer train --model $(MODEL) --dataset $(DATASET) --output-dir $(OUTPUT_DIR) $(TRAIN_ARGS)
+	$(PY) -m trainer train $(TRAINER_FLAGS) --output-dir $(OUTPUT_DIR) $(if $(RUN),--run $(RUN))
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
 	$(PY) bench/run.py
+
+manifests: install
+	$(PY) -m trainer.launch render k8s
+
+image:
+	docker build -f docker/Dockerfile -t $(IMAGE):$(TAG) .
+
+push: image
+	docker push $(IMAGE):$(TAG)
+
+submit: install push
+	@test -n "$(BUCKET)" || (echo "error: set BUCKET=<your bucket>" >&2; exit 2)
+	$(PY) -m trainer.launch --namespace $(NAMESPACE) submit --image $(IMAGE):$(TAG) --output-dir $(REMOTE_DIR) \
+	  --gpus $(GPUS) --workers $(WORKERS) $(if $(GPU_TYPE),--gpu-type $(GPU_TYPE)) $(if $(RUN),--run $(RUN)) \
+	  -- $(TRAINER_FLAGS)
+
+local: image
+	mkdir -p $(OUTPUT_DIR)
+	docker run --rm --gpus all --shm-size 2g --user $$(id -u):$$(id -g) -v $(abspath $(OUTPUT_DIR)):/runs \
+	  $(IMAGE):$(TAG) train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if $(RUN),--run $(RUN))
+
+tensorboard: install
+	@test -n "$(BUCKET)" || (echo "error: set BUCKET=<your bucket>" >&2; exit 2)
+	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE):$(TAG) --logdir $(REMOTE_DIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

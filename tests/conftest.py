@@ -70,3 +70,24 @@ def bucket(emulator, request) -> str:
 def error_lines(stderr: str) -> list[str]:
     """Lines the trainer itself printed as errors (TensorFlow's own start-up logging aside)."""
     return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def cnn_config(output_dir: str, data_dir: str, **overrides):
+    """One epoch of the tutorial CNN on two logical CPU replicas, reading IDX files."""
+    from trainer.config import build_config
+
+    return build_config({"model": "cnn", "epochs": 1, "cpu_replicas": REPLICAS, "output_dir": output_dir,
+                         "run": "cnn-e2e", "data_dir": data_dir, "data_source": "idx", **overrides})
+
+
+@pytest.fixture(scope="session")
+def cnn_run(tmp_path_factory, data_dir):
+    """The tutorial CNN trained in-process for one epoch on two replicas: (config, run folder, metrics)."""
+    from trainer.distribute import make_strategy
+    from trainer.storage import RunFolder
+    from trainer.train import train_and_evaluate
+
+    output_dir = str(tmp_path_factory.mktemp("runs"))
+    config = cnn_config(output_dir, data_dir, scratch_dir=str(tmp_path_factory.mktemp("scratch")))
+    metrics = train_and_evaluate(config, make_strategy(config.runtime))
+    return config, RunFolder(os.path.join(output_dir, "cnn-e2e")), metrics

@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT, error_lines, run_cli
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["data"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["analyze"], ["data"]])
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0 and "usage: python -m trainer" in result.stdout

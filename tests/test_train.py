@@ -11,27 +11,12 @@ import tensorflow as tf
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import REPLICAS, error_lines, run_cli
-from trainer.config import ConfigError, build_config
+from conftest import cnn_config, error_lines, run_cli
+from trainer.config import ConfigError
 from trainer.distribute import make_strategy
 from trainer.evaluate import evaluate_serving
 from trainer.export import load_serving
-from trainer.storage import RunFolder
 from trainer.train import train_and_evaluate
-
-
-def cnn_config(output_dir: str, data_dir: str, **overrides) -> object:
-    return build_config({"model": "cnn", "epochs": 1, "cpu_replicas": REPLICAS, "output_dir": output_dir,
-                         "run": "cnn-e2e", "data_dir": data_dir, "data_source": "idx", **overrides})
-
-
-@pytest.fixture(scope="module")
-def cnn_run(tmp_path_factory, data_dir):
-    """One epoch of the tutorial CNN on two logical CPU replicas."""
-    output_dir = str(tmp_path_factory.mktemp("runs"))
-    config = cnn_config(output_dir, data_dir)
-    metrics = train_and_evaluate(config, make_strategy(config.runtime))
-    return config, RunFolder(os.path.join(output_dir, "cnn-e2e")), metrics
 
 
 def test_cnn_on_two_replicas_reaches_the_tutorials_first_epoch_accuracy(cnn_run):

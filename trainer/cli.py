@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output-dir", default=config_lib.RunConfig.output_dir)
     predict.add_argument("--run", help="run whose model/ to use")
 
+    analyze = commands.add_parser("analyze", help="plots and analyses of a trained run into <run>/analysis/")
+    _add_run_flags(analyze)
+    analyze.add_argument("--data-dir", help="override the data dir saved with the run")
+    analyze.add_argument("--l2", type=float, default=0.25, help="L2 penalty of the optimal-input search")
+
     data = commands.add_parser("data", help="import and verify datasets; print where they come from")
     data.add_argument("--dataset", choices=config_lib.DATASETS + ("all",), default="all")
     data.add_argument("--data-dir", default=config_lib.DataConfig.data_dir)
@@ -107,8 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m trainer`."""
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data}[
-            args.command](args)
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "analyze": cmd_analyze,
+                "data": cmd_data}[args.command](args)
     except ConfigError as error:
         fail(str(error))
     except StoreUnavailable as error:
@@ -182,6 +187,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError(f"cannot classify the images: {str(error).splitlines()[0]}") from error
     for path, label, probability in results:
         print(f"{path}\t{label}\t{probability:.4f}")
+    return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Write the analyses of a run (local or gs://) and print where they are."""
+    if args.l2 < 0:
+        raise ConfigError(f"--l2 must be >= 0, got {args.l2}")
+    store = open_store(args.output_dir, args.run)
+    folder = _run_folder(args.output_dir, args.run, ("config.json", "metrics.json", "checkpoints/", "logs/"))
+    from trainer.analysis import analyze
+
+    summary = analyze(folder, args.l2, args.data_dir)
+    if not isinstance(store, LocalStore):
+        for prefix in ("analysis", os.path.join("logs", "analysis")):
+            for base, _, files in os.walk(folder.path(prefix)):
+                for file in files:
+                    path = os.path.join(base, file)
+                    store.upload(path, os.path.relpath(path, folder.root).replace(os.sep, "/"))
+    print(f"{len(summary['files'])} plots in {store.url}/analysis/ (and in TensorBoard under logs/analysis)")
     return 0
 
 

@@ -1,0 +1,290 @@
+"""The reference tutorials' analyses of a trained run, as PNG files and TensorBoard images.
+
+analyze(folder) reads a local run folder (config, metrics, latest checkpoint, logs), rebuilds the
+model and writes analysis/*.png, analysis/summary.json and logs/analysis/ images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import keras  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from trainer import data as data_lib  # noqa: E402
+from trainer.config import Config, ConfigError, config_from_dict  # noqa: E402
+from trainer.evaluate import summarize  # noqa: E402
+from trainer.models import build_model  # noqa: E402
+from trainer.storage import RunFolder, to_json  # noqa: E402
+
+NUM_CLASSES = data_lib.NUM_CLASSES
+FINGERPRINTS_PER_CLASS = 20
+OPTIMAL_STEPS = 400
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What every analysis reads: the run's config, its restored model, the data and predictions."""
+
+    config: Config
+    model: keras.Model
+    train: data_lib.Split
+    test: data_lib.Split
+    probabilities: np.ndarray  # [test examples, 10]
+
+
+def load_inputs(folder: RunFolder, data_dir: str | None = None) -> Inputs:
+    """Rebuild the run's model from its latest checkpoint and predict the test set."""
+    saved = folder.read_json("config.json")
+    latest = tf.train.latest_checkpoint(folder.checkpoints)
+    if saved is None or latest is None:
+        raise ConfigError(f"{folder.root} has no config.json and checkpoint to analyze")
+    config = config_from_dict(saved)
+    data_config = dataclasses.replace(config.data, data_dir=data_dir or config.data.data_dir)
+    model = build_model(config.model.model)
+    tf.train.Checkpoint(model=model).restore(latest).expect_partial()
+    test = data_lib.load_split(data_config, "test")
+    logits = model.predict(test.images, batch_size=500, verbose=0)
+    return Inputs(config, model, data_lib.load_split(data_config, "train"), test,
+                  tf.nn.softmax(logits).numpy())
+
+
+def _save(fig: plt.Figure, path: str) -> None:
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _grid(fig: plt.Figure, spec: Any, images: np.ndarray, titles: list[str], title: str) -> None:
+    sub = spec.subgridspec(3, 3)
+    for i, (image, text) in enumerate(zip(images, titles)):
+        ax = fig.add_subplot(sub[i // 3, i % 3])
+        ax.imshow(image[..., 0], cmap="gray_r")
+        ax.set_title(text, fontsize=9)
+        ax.axis("off")
+    fig.text(0.27 if "random" in title else 0.73, 0.98, title, ha="center", fontsize=12)
+
+
+def predictions(inputs: Inputs, path: str, seed: int = 0) -> dict[str, Any]:
+    """3x3 random test images and the 3x3 most confidently wrong ones, titled predicted / true."""
+    predicted = inputs.probabilities.argmax(axis=1)
+    confidence = inputs.probabilities.max(axis=1)
+    random_ids = np.random.default_rng(seed).choice(len(inputs.test), 9, replace=False)
+    wrong = np.flatnonzero(predicted != inputs.test.labels)
+    worst = wrong[np.argsort(-confidence[wrong])][:9]
+    fig = plt.figure(figsize=(12, 6.5))
+    outer = fig.add_gridspec(1, 2, wspace=0.15)
+    for spec, ids, title in ((outer[0], random_ids, "9 random test images"),
+                             (outer[1], worst, "most confidently wrong")):
+        _grid(fig, spec, inputs.test.images[ids],
+              [f"pred {predicted[i]} ({confidence[i]:.0%}) / true {inputs.test.labels[i]}" for i in ids], title)
+    _save(fig, path)
+    return {"random": random_ids.tolist(), "most_confidently_wrong": worst.tolist()}
+
+
+def label_distribution(inputs: Inputs, path: str) -> dict[str, list[float]]:
+    """Train vs test class frequencies in percent, as side-by-side bars."""
+    shares = {name: (100 * np.bincount(split.labels, minlength=NUM_CLASSES) / len(split)).tolist()
+              for name, split in (("train", inputs.train), ("test", inputs.test))}
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    x = np.arange(NUM_CLASSES)
+    for offset, (name, values) in zip((-0.2, 0.2), shares.items()):
+        ax.bar(x + offset, values, width=0.4, label=f"{name} ({len(getattr(inputs, name)):,} images)")
+    ax.set(xticks=x, xlabel="class", ylabel="share of images (%)",
+           title=f"Label distribution, {inputs.config.data.dataset}")
+    ax.legend()
+    _save(fig, path)
+    return {name: [round(v, 4) for v in values] for name, values in shares.items()}
+
+
+def _scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
+    events = EventAccumulator(logdir, size_guidance={"tensors": 0})
+    events.Reload()
+    if tag not in events.Tags()["tensors"]:
+        return []
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
+
+
+def curves(folder: RunFolder, steps_per_epoch: int, path: str) -> dict[str, list[float]]:
+    """Train and test loss and accuracy per epoch, read back from the run's TensorBoard logs."""
+    series: dict[str, list[float]] = {}
+    for split in ("train", "test"):
+        for tag in ("loss", "accuracy"):
+            points = _scalars(os.path.join(folder.logs, split), tag)
+            by_epoch: dict[int, list[float]] = {}
+            for step, value in points:  # train points are per logging interval: average each epoch's
+                by_epoch.setdefault((step - 1) // steps_per_epoch + 1, []).append(value)
+            series[f"{split}_{tag}"] = [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, tag in zip(axes, ("loss", "accuracy")):
+        for split in ("train", "test"):
+            values = series[f"{split}_{tag}"]
+            ax.plot(range(1, len(values) + 1), values, marker="o", label=split)
+        ax.set(xlabel="epoch", ylabel=tag, title=tag.capitalize())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend()
+        ax.grid(alpha=0.3)
+    _save(fig, path)
+    return series
+
+
+def confusion(inputs: Inputs, path: str) -> dict[str, Any]:
+    """Heatmap of the test confusion matrix, with per-class precision and recall on the margins."""
+    matrix = tf.math.confusion_matrix(inputs.test.labels, inputs.probabilities.argmax(axis=1),
+                                      num_classes=NUM_CLASSES).numpy()
+    metrics = summarize(matrix, 0.0)
+    fig = plt.figure(figsize=(8.5, 8))
+    grid = fig.add_gridspec(2, 2, width_ratios=(10, 1.3), height_ratios=(10, 1.3), wspace=0.05, hspace=0.05)
+    ax = fig.add_subplot(grid[0, 0])
+    shown = ax.imshow(np.log1p(matrix), cmap="Blues", aspect="auto")
+    for (row, col), count in np.ndenumerate(matrix):
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                color="white" if count > matrix.max() / 3 else "black")
+    ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), ylabel="true label")
+    fig.suptitle(f"Confusion matrix: accuracy {metrics['test_accuracy']:.2%} on {matrix.sum():,} test images")
+    ax.xaxis.set_ticks_position("top")
+    recall = fig.add_subplot(grid[0, 1])
+    recall.imshow(np.array(metrics["recall"])[:, None], cmap="Greens", vmin=0.8, vmax=1, aspect="auto")
+    for i, value in enumerate(metrics["recall"]):
+        recall.text(0, i, f"{value:.3f}", ha="center", va="center", fontsize=7)
+    recall.set(xticks=[0], xticklabels=["recall"], yticks=[])
+    precision = fig.add_subplot(grid[1, 0])
+    precision.imshow(np.array(metrics["precision"])[None, :], cmap="Greens", vmin=0.8, vmax=1, aspect="auto")
+    for i, value in enumerate(metrics["precision"]):
+        precision.text(i, 0, f"{value:.3f}", ha="center", va="center", fontsize=7)
+    precision.set(yticks=[0], yticklabels=["precision"], xticks=range(NUM_CLASSES), xlabel="predicted label")
+    fig.colorbar(shown, ax=[ax, recall], shrink=0.6, label="log(1 + count)")
+    _save(fig, path)
+    return {"confusion_matrix": matrix.tolist(), "accuracy": metrics["test_accuracy"],
+            "precision": metrics["precision"], "recall": metrics["recall"]}
+
+
+def _layer_output(model: keras.Model, layer: keras.layers.Layer, images: np.ndarray) -> np.ndarray:
+    return keras.Model(model.inputs, layer.output).predict(images, batch_size=500, verbose=0)
+
+
+def feature_maps(inputs: Inputs, path: str, index: int = 0) -> dict[str, Any] | None:
+    """The first conv layer's feature maps for one test image, beside the image (conv models only)."""
+    convs = [layer for layer in inputs.model.layers if isinstance(layer, keras.layers.Conv2D)]
+    if not convs:
+        return None
+    maps = _layer_output(inputs.model, convs[0], inputs.test.images[index : index + 1])[0]
+    channels = maps.shape[-1]
+    cols = 8
+    rows = -(-channels // cols)
+    fig = plt.figure(figsize=(2 + cols * 1.3, rows * 1.4))
+    grid = fig.add_gridspec(rows, cols + 2)
+    ax = fig.add_subplot(grid[:, :2])
+    ax.imshow(inputs.test.images[index, :, :, 0], cmap="gray_r")
+    ax.set_title(f"test image {index} (label {inputs.test.labels[index]})")
+    ax.axis("off")
+    for c in range(channels):
+        ax = fig.add_subplot(grid[c // cols, 2 + c % cols])
+        ax.imshow(maps[..., c], cmap="viridis")
+        ax.set_title(f"map {c}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle(f"Feature maps of {convs[0].name} ({channels} filters)")
+    _save(fig, path)
+    return {"layer": convs[0].name, "image": index, "shape": list(maps.shape)}
+
+
+def hidden_fingerprints(inputs: Inputs, path: str, per_class: int = FINGERPRINTS_PER_CLASS) -> dict[str, Any] | None:
+    """Hidden-layer activations of test images grouped by true class (dense models only)."""
+    if any(isinstance(layer, keras.layers.Conv2D) for layer in inputs.model.layers):
+        return None
+    hidden = next(layer for layer in inputs.model.layers if isinstance(layer, keras.layers.Dense))
+    ids = np.concatenate([np.flatnonzero(inputs.test.labels == c)[:per_class] for c in range(NUM_CLASSES)])
+    activations = _layer_output(inputs.model, hidden, inputs.test.images[ids])  # [images, units]
+    fig, ax = plt.subplots(figsize=(12, 6))
+    shown = ax.imshow(activations.T, aspect="auto", cmap="magma", interpolation="nearest")
+    ax.set_xticks([per_class * c + per_class / 2 for c in range(NUM_CLASSES)], [str(c) for c in range(NUM_CLASSES)])
+    for c in range(1, NUM_CLASSES):
+        ax.axvline(per_class * c - 0.5, color="white", linewidth=0.8)
+    ax.set(xlabel=f"test images, {per_class} per true class", ylabel=f"unit of {hidden.name}",
+           title=f"Hidden-layer fingerprints: {hidden.name} ({activations.shape[1]} units) by class")
+    fig.colorbar(shown, ax=ax, label="activation")
+    _save(fig, path)
+    np.save(os.path.splitext(path)[0] + ".npy", activations)
+    return {"layer": hidden.name, "images": ids.tolist(), "units": int(activations.shape[1])}
+
+
+def optimal_inputs(inputs: Inputs, path: str, l2: float, steps: int = OPTIMAL_STEPS) -> dict[str, Any]:
+    """Per class, the input maximising that class's logit minus l2 * ||x||^2 (pixels in [0, 1]),
+    found by gradient ascent on the input, shown under the class-mean test images."""
+    body = keras.Model(inputs.model.get_layer("rescale").output, inputs.model.output)  # takes [0, 1] floats
+    x = tf.Variable(tf.fill((NUM_CLASSES,) + data_lib.IMAGE_SHAPE, 0.1))
+    optimizer = keras.optimizers.Adam(0.05)
+    classes = tf.range(NUM_CLASSES)
+
+    @tf.function
+    def step() -> None:
+        with tf.GradientTape() as tape:
+            logits = body(x, training=False)
+            chosen = tf.gather(logits, classes, axis=1, batch_dims=1)
+            loss = -tf.reduce_sum(chosen) + l2 * tf.reduce_sum(tf.square(x))
+        optimizer.apply_gradients([(tape.gradient(loss, x), x)])
+        x.assign(tf.clip_by_value(x, 0.0, 1.0))
+
+    for _ in range(steps):
+        step()
+    probabilities = tf.nn.softmax(body(x, training=False)).numpy()
+    optimal = x.numpy()
+    means = [inputs.test.images[inputs.test.labels == c].mean(axis=0) / 255.0 for c in range(NUM_CLASSES)]
+    fig, axes = plt.subplots(2, NUM_CLASSES, figsize=(16, 4))
+    for c in range(NUM_CLASSES):
+        axes[0, c].imshow(means[c][..., 0], cmap="gray_r", vmin=0, vmax=1)
+        axes[0, c].set_title(f"mean of {c}", fontsize=9)
+        axes[1, c].imshow(optimal[c, ..., 0], cmap="gray_r", vmin=0, vmax=1)
+        axes[1, c].set_title(f"optimal {c}: p={probabilities[c, c]:.2f}", fontsize=9)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.suptitle(f"Class-mean test images (top) and optimal inputs (bottom), L2 penalty {l2}")
+    _save(fig, path)
+    return {"l2": l2, "probability_of_own_class": [round(float(probabilities[c, c]), 6) for c in range(NUM_CLASSES)],
+            "inputs": optimal}
+
+
+def to_tensorboard(logdir: str, pngs: dict[str, str]) -> None:
+    """The same PNG files as images in the run's TensorBoard (logs/analysis)."""
+    with tf.summary.create_file_writer(logdir).as_default(step=0):
+        for name, path in pngs.items():
+            image = tf.io.decode_png(tf.io.read_file(path), channels=4)
+            tf.summary.image(name, image[tf.newaxis], max_outputs=1)
+
+
+def analyze(folder: RunFolder, l2: float = 0.25, data_dir: str | None = None) -> dict[str, Any]:
+    """Write every analysis of a local run folder; return summary.json's contents."""
+    inputs = load_inputs(folder, data_dir)
+    out = folder.path("analysis")
+    os.makedirs(out, exist_ok=True)
+    pngs = {name: os.path.join(out, f"{name}.png") for name in (
+        "predictions", "label_distribution", "curves", "confusion_matrix", "feature_maps",
+        "hidden_fingerprints", "optimal_inputs")}
+    steps_per_epoch = data_lib.steps_per_epoch(len(inputs.train), inputs.config.run.batch_size)
+    optimal = optimal_inputs(inputs, pngs["optimal_inputs"], l2)
+    summary: dict[str, Any] = {
+        "model": inputs.config.model.model,
+        "predictions": predictions(inputs, pngs["predictions"]),
+        "label_distribution_percent": label_distribution(inputs, pngs["label_distribution"]),
+        "curves": curves(folder, steps_per_epoch, pngs["curves"]),
+        "confusion": confusion(inputs, pngs["confusion_matrix"]),
+        "feature_maps": feature_maps(inputs, pngs["feature_maps"]),
+        "hidden_fingerprints": hidden_fingerprints(inputs, pngs["hidden_fingerprints"]),
+        "optimal_inputs": {k: v for k, v in optimal.items() if k != "inputs"},
+    }
+    np.save(os.path.join(out, "optimal_inputs.npy"), optimal["inputs"])
+    written = {name: path for name, path in pngs.items() if os.path.exists(path)}
+    summary["files"] = sorted(os.path.basename(p) for p in written.values())
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        f.write(to_json(summary))
+    to_tensorboard(folder.path("logs", "analysis"), written)
+    return summary
+

@@ -10,6 +10,7 @@ RUN         ?=
 OUTPUT_DIR  ?= runs
 TRAIN_ARGS  ?=
 PYTEST_ARGS ?=
+ONLY        ?=
 # Container and cluster
 REGISTRY    ?= REGION-docker.pkg.dev/PROJECT/mnist
 IMAGE       ?= $(REGISTRY)/mnist-trainer
@@ -50,7 +51,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	$(PY) bench/run.py
+	ONLY=$(ONLY) $(PY) bench/run.py
 
 manifests: install
 	$(PY) -m trainer.launch render k8s

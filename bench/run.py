@@ -1,4 +1,8 @@
-"""`make bench`: run the benchmarks, print a table and write bench/results.json."""
+"""`make bench`: run the benchmarks, print a table and write bench/results.json.
+
+All comparisons run on this machine in this one invocation and are reported as ratios.
+`make bench ONLY=storage_overhead` (or throughput) runs one suite.
+"""
 
 from __future__ import annotations
 
@@ -11,24 +15,50 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import storage_overhead  # noqa: E402
+import throughput  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
+SUITES = {"throughput": throughput.run, "storage_overhead": storage_overhead.run}
+
+
+def _table(results: dict) -> list[tuple[str, str]]:
+    rows = []
+    if "throughput" in results:
+        t = results["throughput"]
+        e = t["examples_per_sec"]
+        rows += [
+            ("trainer examples/sec (cnn, batch 64)", f"{e['trainer']:.0f}"),
+            ("  vs tutorial loop", f"{t['trainer_over_tutorial_loop']:.2f} x ({e['tutorial_loop']:.0f}/s)"),
+            ("  vs Keras fit", f"{t['trainer_over_keras_fit']:.2f} x ({e['keras_fit']:.0f}/s)"),
+            ("model FLOP/s vs matmul peak", f"{t['efficiency_percent']}% ({t['achieved_gflops']} of "
+                                            f"{t['peak_matmul_gflops']} GFLOP/s)"),
+            ("2 CPU replicas vs 1, same global batch", f"{t['two_replicas_over_one']:.2f} x"),
+            ("peak resident memory of a run", f"{t['peak_rss_mib']:.0f} MiB"),
+        ]
+    if "storage_overhead" in results:
+        s = results["storage_overhead"]
+        rows.append(("gs:// (emulator) vs local, examples/sec", f"{s['gcs_over_local']:.3f} x "
+                                                                f"({s['overhead_percent']}% overhead)"))
+    return rows
 
 
 def main() -> int:
-    """Run every benchmark in this one invocation, on this machine."""
-    results = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-        "storage_overhead": storage_overhead.run(),
-    }
+    """Run the chosen benchmarks; merge into results.json; print the table."""
+    only = os.environ.get("ONLY", "")
+    results = {}
+    if os.path.exists(RESULTS):
+        with open(RESULTS) as f:
+            results = json.load(f)
+    results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version()}
+    for name, suite in SUITES.items():
+        if not only or name == only:
+            results[name] = {**suite(), "date": time.strftime("%Y-%m-%d %H:%M")}
     with open(RESULTS, "w") as f:
         json.dump(results, f, indent=2)
         f.write("\n")
-    s = results["storage_overhead"]
-    print(f"{'benchmark':<22}{'result':>40}")
-    print(f"{'gs:// vs local':<22}{s['gcs_over_local']:>32.3f} x speed"
-          f"  ({s['overhead_percent']}% overhead)")
+    for label, value in _table(results):
+        print(f"{label:<44}{value}")
     print(f"wrote {RESULTS}")
     return 0
 

@@ -9,6 +9,7 @@ Ordering rules that make the store safe to read (and to resume from) at any mome
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import threading
@@ -62,7 +63,7 @@ class Shipper:
         self.local, self.store, self.interval, self.log = local, store, interval, log
         self._sent: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) now in the store
         self._checkpoints = list(shipped_checkpoints or [])  # in the store, oldest first
-        self._pending_checkpoint: str | None = None
+        self._pending: collections.deque[str] = collections.deque()  # saved, not yet committed, in order
         self._pass_lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = threading.Event()
@@ -79,8 +80,8 @@ class Shipper:
         self._thread.join(timeout=1.0)
 
     def ship_checkpoint(self, path: str) -> None:
-        """Queue the checkpoint just saved at `path` (a newer one supersedes a queued older one)."""
-        self._pending_checkpoint = os.path.basename(path)
+        """Queue the checkpoint just saved at `path`; checkpoints are committed in the order saved."""
+        self._pending.append(os.path.basename(path))
         self._wake.set()
 
     def flush(self, timeout: float) -> bool:
@@ -110,11 +111,9 @@ class Shipper:
         """One mirroring pass; False (and the error kept for the next pass) if the store failed."""
         try:
             self._ship_files()
-            checkpoint = self._pending_checkpoint
-            if checkpoint is not None:
-                self._commit_checkpoint(checkpoint)
-                if self._pending_checkpoint == checkpoint:
-                    self._pending_checkpoint = None
+            while self._pending:
+                self._commit_checkpoint(self._pending[0])
+                self._pending.popleft()
         except Exception as error:  # noqa: BLE001 - the shipper must never stop training
             error = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"{type(error).__name__}: {error}")
             if self.last_error is None:
@@ -163,7 +162,7 @@ class Shipper:
         except FileNotFoundError:
             files = []
         if not any(f.endswith(".index") for f in files):
-            return  # rotated away locally before we got to it; a newer checkpoint is queued
+            return  # rotated away locally before we got to it; a newer one is queued behind it
         try:
             for file in sorted(files, key=lambda f: f.endswith(".index")):  # data first, index last
                 self.store.upload(os.path.join(folder, file), f"checkpoints/{file}")

@@ -191,6 +191,11 @@ def _check_ordered_commit(bucket: str, prefix: str, workdir: str) -> str:
     return "checked"
 
 
+def _latest_step(bucket: str) -> int:
+    pointer = GCSStore(f"gs://{bucket}/exp/r").read(POINTER)
+    return int(parse_pointer(pointer)[0].split("-")[1]) if pointer else 0
+
+
 def test_kill_9_at_random_moments_never_exposes_a_partial_checkpoint(bucket, data_dir, tmp_path):
     args = [*TRAIN, "--epochs", "2", "--output-dir", f"gs://{bucket}/exp", "--run", "r", "--data-dir", data_dir,
             "--checkpoint-every", "40", "--ship-every", "0.2", "--scratch-dir", str(tmp_path / "scratch")]
@@ -210,13 +215,16 @@ def test_kill_9_at_random_moments_never_exposes_a_partial_checkpoint(bucket, dat
     steps_seen = []
     try:
         for _ in range(3):
+            before = _latest_step(bucket)
             process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            time.sleep(rng.uniform(6.0, 12.0))
+            deadline = time.time() + 120  # wait until this process has shipped a checkpoint, then kill at random
+            while time.time() < deadline and process.poll() is None and _latest_step(bucket) <= before:
+                time.sleep(0.1)
+            time.sleep(rng.uniform(0.0, 3.0))
             process.kill()
             process.wait()
-            pointer = GCSStore(f"gs://{bucket}/exp/r").read(POINTER)
-            steps_seen.append(int(parse_pointer(pointer)[0].split("-")[1]) if pointer else 0)
+            steps_seen.append(_latest_step(bucket))
         result = run_cli(*args)
     finally:
         stop.set()

@@ -12,7 +12,7 @@ from typing import Any, NoReturn, Sequence
 
 from trainer import config as config_lib
 from trainer.config import EXIT_INTERRUPTED, EXIT_STORE, EXIT_USAGE, ConfigError
-from trainer.storage import LocalStore, RunFolder, StoreUnavailable, fetch, open_store
+from trainer.storage import LocalStore, RunFolder, Store, StoreUnavailable, fetch, open_store
 
 FLAG_HELP = {
     "dataset": f"dataset: {', '.join(config_lib.DATASETS)}",
@@ -138,9 +138,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_folder(output_dir: str, run: str, prefixes: tuple[str, ...]) -> RunFolder:
+def _run_folder(store: Store, prefixes: tuple[str, ...]) -> RunFolder:
     """A local view of a run: the folder itself, or the `prefixes` fetched from gs:// into a temp dir."""
-    store = open_store(output_dir, run)
     if isinstance(store, LocalStore):
         if not os.path.isdir(store.root):
             raise ConfigError(f"no run folder {store.root}")
@@ -154,7 +153,7 @@ def _run_folder(output_dir: str, run: str, prefixes: tuple[str, ...]) -> RunFold
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate the exported model on the full test set; print the metrics as JSON."""
-    folder = _run_folder(args.output_dir, args.run, ("config.json", "model/"))
+    folder = _run_folder(open_store(args.output_dir, args.run), ("config.json", "model/"))
     saved = folder.read_json("config.json")
     if saved is None or not os.path.isdir(folder.model):
         raise ConfigError(f"{folder.root} has no config.json and exported model/ (did training finish?)")
@@ -173,7 +172,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Print `file<TAB>class<TAB>probability` for each PNG."""
     if not args.model_dir and not args.run:
         raise ConfigError("give --model-dir, or --output-dir and --run")
-    model_dir = args.model_dir or _run_folder(args.output_dir, args.run, ("model/",)).model
+    model_dir = args.model_dir or _run_folder(open_store(args.output_dir, args.run), ("model/",)).model
     if not os.path.isfile(os.path.join(model_dir, "saved_model.pb")):
         raise ConfigError(f"no exported model in {model_dir}")
     for path in args.images:
@@ -195,7 +194,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if args.l2 < 0:
         raise ConfigError(f"--l2 must be >= 0, got {args.l2}")
     store = open_store(args.output_dir, args.run)
-    folder = _run_folder(args.output_dir, args.run, ("config.json", "metrics.json", "checkpoints/", "logs/"))
+    folder = _run_folder(store, ("config.json", "metrics.json", "checkpoints/", "logs/"))
     from trainer.analysis import analyze
 
     summary = analyze(folder, args.l2, args.data_dir)

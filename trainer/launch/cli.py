@@ -7,7 +7,7 @@ import dataclasses
 import os
 import re
 import sys
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 import yaml
 
@@ -29,18 +29,12 @@ def to_yaml(objects: list[dict]) -> str:
     return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors and exit code 2."""
-
-    def error(self, message: str) -> NoReturn:
-        trainer_cli.fail(f"{self.prog}: {message}")
-
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's parser."""
-    parser = Parser(prog="python -m trainer.launch", description="Run trainer jobs on Kubernetes.")
+    parser = trainer_cli.Parser(prog="python -m trainer.launch", description="Run trainer jobs on Kubernetes.")
     parser.add_argument("--namespace", default="default")
     parser.add_argument("--context", help="kube context (default: the current one)")
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=trainer_cli.Parser)
 
     submit = commands.add_parser("submit", help="submit a training job; prints the run name",
                                  description="Trainer flags (--model, --epochs, ...) go after `--`.")

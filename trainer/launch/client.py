@@ -20,9 +20,10 @@ EXIT_NO_CLUSTER = 3  # no kube config, or the API server cannot be reached
 class LaunchError(Exception):
     """A one-line failure for the user, with its exit code."""
 
-    def __init__(self, message: str, code: int = EXIT_REFUSED) -> None:
+    def __init__(self, message: str, code: int = EXIT_REFUSED, status: int = 0) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status  # the API's HTTP status, 0 if there was no answer
 
 
 def _explain(error: ApiException, what: str) -> LaunchError:
@@ -31,14 +32,15 @@ def _explain(error: ApiException, what: str) -> LaunchError:
     except ValueError:
         message = error.reason
     if error.status == 403 and "quota" in message.lower():
-        return LaunchError(f"refused by a resource quota: {message}")
+        return LaunchError(f"refused by a resource quota: {message}", status=403)
     if error.status == 403:
-        return LaunchError(f"forbidden: your account may not {what} ({message})")
+        return LaunchError(f"forbidden: your account may not {what} ({message})", status=403)
     if error.status == 404:
-        return LaunchError(f"not found: {what} ({message})")
+        return LaunchError(f"not found: {what} ({message})", status=404)
     if error.status == 409:
-        return LaunchError(f"already exists: {what} ({message}); pick another --run or cancel the old one")
-    return LaunchError(f"the Kubernetes API refused to {what}: {error.status} {message}")
+        return LaunchError(f"already exists: {what} ({message}); pick another --run or cancel the old one",
+                           status=409)
+    return LaunchError(f"the Kubernetes API refused to {what}: {error.status} {message}", status=error.status)
 
 
 class Cluster:
@@ -79,7 +81,7 @@ class Cluster:
         try:
             self._call(f"create {kind} {ns}/{name}", create, ns, obj)
         except LaunchError as error:
-            if not (exist_ok and str(error).startswith("already exists")):
+            if not (exist_ok and error.status == 409):
                 raise
 
     def replace(self, obj: dict[str, Any]) -> None:
@@ -88,7 +90,7 @@ class Cluster:
         try:
             self.create(obj)
         except LaunchError as error:
-            if not str(error).startswith("already exists"):
+            if error.status != 409:
                 raise
             patch = {"Service": self.core.patch_namespaced_service,
                      "Deployment": self.apps.patch_namespaced_deployment}[kind]
@@ -124,5 +126,5 @@ class Cluster:
         try:
             self._call(f"delete service {namespace}/{run}", self.core.delete_namespaced_service, run, namespace)
         except LaunchError as error:
-            if not str(error).startswith("not found"):
+            if error.status != 404:
                 raise

@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from trainer.runtime import set_tensorflow_env
+
+set_tensorflow_env()  # the same TensorFlow settings as `python -m trainer`
 
 import pytest  # noqa: E402
 

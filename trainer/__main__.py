@@ -1,9 +1,10 @@
 """`python -m trainer`: the container's entrypoint."""
 
-import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ start-up chatter out of the logs
+from trainer.runtime import set_tensorflow_env
+
+set_tensorflow_env()
 
 from trainer.cli import main  # noqa: E402
 

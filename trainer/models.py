@@ -75,12 +75,3 @@ def build_model(name: str) -> keras.Model:
     """Build a fresh model by registry name (call inside `strategy.scope()`)."""
     return MODELS[name]()
 
-
-def build_optimizer(name: str, learning_rate: float, momentum: float, schedule: str, total_steps: int) -> keras.optimizers.Optimizer:
-    """The configured optimiser with a constant or cosine-decayed learning rate."""
-    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
-    if schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
-    if name == "sgd":
-        return keras.optimizers.SGD(rate, momentum=momentum)
-    return keras.optimizers.Adam(rate)

@@ -22,7 +22,8 @@ from trainer.config import Config, ConfigError, config_from_dict, resume_conflic
 from trainer.distribute import any_worker, describe, is_chief, make_strategy
 from trainer.evaluate import evaluate_distributed
 from trainer.export import export_model
-from trainer.models import build_model, build_optimizer
+from trainer.models import build_model
+from trainer.optimizers import build_optimizer
 from trainer.shipper import Shipper, restore_run
 from trainer.storage import RunFolder, StoreUnavailable, open_store
 

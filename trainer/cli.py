@@ -24,6 +24,7 @@ FLAG_HELP = {
     "learning_rate": "peak learning rate",
     "momentum": "SGD momentum",
     "schedule": "constant or cosine learning-rate decay",
+    "warmup_epochs": "epochs of linear learning-rate warm-up from 0 (before the schedule)",
     "epochs": "passes over the training set",
     "batch_size": "global batch size, split evenly over replicas",
     "seed": "seed for initialisation, shuffling and augmentation",

@@ -63,11 +63,29 @@ def convnet_bn() -> keras.Model:
     return keras.Model(images, logits, name="convnet_bn")
 
 
+def lenet_bn() -> keras.Model:
+    """LeNet-style: Conv 5x5x16 -> MaxPool -> Conv 5x5x32 + batch norm -> MaxPool -> Dense 128: 80,298 parameters.
+    Few FLOPs per image (2.2 M forward) and quick to converge: our fastest preset to 99% on MNIST.
+    Batch norm only where activations are small (8x8x32): on the 24x24x16 maps it costs more than it gives."""
+    images, x = _inputs()
+    x = layers.Conv2D(16, 5, activation="relu", name="conv1")(x)
+    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = layers.Conv2D(32, 5, use_bias=False, name="conv2")(x)
+    x = layers.BatchNormalization(name="conv2_bn")(x)
+    x = layers.Activation("relu", name="conv2_relu")(x)
+    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = layers.Flatten(name="flatten")(x)
+    x = layers.Dense(128, activation="relu", name="hidden1")(x)
+    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    return keras.Model(images, logits, name="lenet_bn")
+
+
 MODELS: dict[str, Callable[[], keras.Model]] = {
     "mlp3x256": mlp3x256,
     "cnn": cnn,
     "mlp300": mlp300,
     "convnet_bn": convnet_bn,
+    "lenet_bn": lenet_bn,
 }
 
 

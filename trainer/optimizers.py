@@ -5,6 +5,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from trainer.config import OptimizerConfig
+
 
 class FusedAdam(keras.optimizers.Adam):
     """keras.optimizers.Adam (same variables, same checkpoints, same maths) updating each variable
@@ -35,12 +37,24 @@ class FusedAdam(keras.optimizers.Adam):
         )
 
 
-def build_optimizer(name: str, learning_rate: float, momentum: float, schedule: str,
-                    total_steps: int) -> keras.optimizers.Optimizer:
-    """The configured optimiser with a constant or cosine-decayed learning rate."""
-    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
-    if schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=total_steps)
-    if name == "sgd":
-        return keras.optimizers.SGD(rate, momentum=momentum)
+def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int,
+                           total_steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """Linear warm-up from 0 over `warmup_epochs`, then the rate held constant or cosine-decayed to 0."""
+    warmup = round(config.warmup_epochs * steps_per_epoch)
+    if not warmup and config.schedule == "constant":
+        return config.learning_rate
+    return keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else config.learning_rate,
+        decay_steps=max(1, total_steps - warmup),
+        alpha=1.0 if config.schedule == "constant" else 0.0,  # alpha=1: no decay after the warm-up
+        warmup_target=config.learning_rate if warmup else None,
+        warmup_steps=warmup,
+    )
+
+
+def build_optimizer(config: OptimizerConfig, steps_per_epoch: int, total_steps: int) -> keras.optimizers.Optimizer:
+    """The configured optimiser (SGD with momentum or FusedAdam) on its learning-rate schedule."""
+    rate = learning_rate_schedule(config, steps_per_epoch, total_steps)
+    if config.optimizer == "sgd":
+        return keras.optimizers.SGD(rate, momentum=config.momentum)
     return FusedAdam(rate)

@@ -65,7 +65,8 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         train = data_lib.load_split(config.data, "train")
         test = data_lib.load_split(config.data, "test")
         global_batch = config.run.batch_size
-        total_steps = data_lib.steps_per_epoch(len(train), global_batch) * config.run.epochs
+        per_epoch = data_lib.steps_per_epoch(len(train), global_batch)
+        total_steps = per_epoch * config.run.epochs
         finished = local.read_json("metrics.json")
         if finished is not None and finished.get("steps") == total_steps:
             log(f"run {store.url} already finished {total_steps} steps; nothing to train")
@@ -78,8 +79,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         keras.utils.set_random_seed(config.run.seed)
         with strategy.scope():
             model = build_model(config.model.model)
-            o = config.optimizer
-            optimizer = build_optimizer(o.optimizer, o.learning_rate, o.momentum, o.schedule, total_steps)
+            optimizer = build_optimizer(config.optimizer, per_epoch, total_steps)
             optimizer.build(model.trainable_variables)
         checkpoints = Checkpoints(local.checkpoints, model, optimizer)
         try:

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from trainer.config import OptimizerConfig, RuntimeConfig
+from trainer.distribute import make_strategy
 from trainer.optimizers import FusedAdam, build_optimizer
 
 
@@ -32,8 +34,7 @@ def _train(optimizer_class: type, strategy: tf.distribute.Strategy) -> tuple[lis
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_fused_adam_matches_keras_adam(replicas: int) -> None:
-    devices = [d.name for d in tf.config.list_logical_devices("CPU")][:replicas]
-    strategy = tf.distribute.MirroredStrategy(devices)
+    strategy = make_strategy(RuntimeConfig(cpu_replicas=replicas))
     fused, fused_slots = _train(FusedAdam, strategy)
     reference, reference_slots = _train(keras.optimizers.Adam, strategy)
     assert fused_slots == reference_slots  # checkpoints are interchangeable
@@ -43,6 +44,8 @@ def test_fused_adam_matches_keras_adam(replicas: int) -> None:
 
 
 def test_build_optimizer_kinds() -> None:
-    assert isinstance(build_optimizer("adam", 0.001, 0.0, "constant", 10), FusedAdam)
-    sgd = build_optimizer("sgd", 0.1, 0.9, "cosine", 10)
+    assert isinstance(build_optimizer(OptimizerConfig(optimizer="adam"), 10, 10), FusedAdam)
+    sgd = build_optimizer(OptimizerConfig(optimizer="sgd", momentum=0.9, schedule="cosine"), 10, 10)
     assert isinstance(sgd, keras.optimizers.SGD) and sgd.momentum == 0.9
+    scaled = build_optimizer(OptimizerConfig(), 10, 10, loss_scaling=True)
+    assert isinstance(scaled, keras.optimizers.LossScaleOptimizer) and isinstance(scaled.inner_optimizer, FusedAdam)

@@ -11,6 +11,8 @@ DATASETS = ("mnist", "fashion_mnist")
 DATA_SOURCES = ("auto", "tfds", "idx")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
+LR_SCALINGS = ("none", "linear", "sqrt")
+PRECISIONS = ("float32", "mixed_float16")
 
 # Exit codes (documented in README): 2 = bad usage/config/input, never retried;
 # 75 (EX_TEMPFAIL) = stopped by SIGTERM after saving a checkpoint, safe to retry.
@@ -50,6 +52,9 @@ class OptimizerConfig:
     momentum: float = 0.0
     schedule: str = "constant"
     warmup_epochs: float = 0.0  # linear warm-up from 0 to learning_rate, then the schedule
+    # learning_rate is the preset's rate at the preset's batch size; with "linear" or "sqrt" it is
+    # scaled by (batch_size / preset batch) or its square root when --batch-size differs.
+    lr_scaling: str = "none"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,8 @@ class RuntimeConfig:
     """Devices: 0 = all GPUs (or the CPU); N > 0 = split the CPU into N logical devices."""
 
     cpu_replicas: int = 0
+    precision: str = "float32"  # or a Keras mixed-precision policy (float16 gets dynamic loss scaling)
+    jit_compile: bool = False  # XLA-compile the forward and backward pass (helps on GPUs, not on CPUs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +132,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Fields that change what is learned: a resumed run must agree on all of them.
 RESUME_KEYS = (
     "dataset", "augment", "model", "optimizer", "learning_rate", "momentum",
-    "schedule", "warmup_epochs", "batch_size", "seed",
+    "schedule", "warmup_epochs", "batch_size", "seed", "precision",
 )
 
 
@@ -145,6 +152,7 @@ def build_config(overrides: dict[str, Any]) -> Config:
     if model not in PRESETS:
         raise ConfigError(f"unknown model {model!r}; choose from {', '.join(PRESETS)}")
     values = {**PRESETS[model], **given}
+    values["learning_rate"] = scaled_learning_rate(values, PRESETS[model]["batch_size"])
     if not values.get("run"):
         values["run"] = default_run_name(model, values.get("dataset", DataConfig.dataset))
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTION_CLASSES}
@@ -155,6 +163,18 @@ def build_config(overrides: dict[str, Any]) -> Config:
     return config
 
 
+def scaled_learning_rate(values: dict[str, Any], preset_batch: int) -> float:
+    """The learning rate for values' batch size under its lr_scaling rule (the rate is for preset_batch)."""
+    rate = values.get("learning_rate", OptimizerConfig.learning_rate)
+    rule = values.get("lr_scaling", OptimizerConfig.lr_scaling)
+    ratio = values.get("batch_size", preset_batch) / preset_batch
+    if rule == "linear":
+        return rate * ratio
+    if rule == "sqrt":
+        return rate * ratio ** 0.5
+    return rate
+
+
 def validate(config: Config) -> None:
     """Raise ConfigError for the first invalid setting."""
     c = config.flat()
@@ -162,6 +182,8 @@ def validate(config: Config) -> None:
     _choice("data_source", c["data_source"], DATA_SOURCES)
     _choice("optimizer", c["optimizer"], OPTIMIZERS)
     _choice("schedule", c["schedule"], SCHEDULES)
+    _choice("lr_scaling", c["lr_scaling"], LR_SCALINGS)
+    _choice("precision", c["precision"], PRECISIONS)
     for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop", "ship_every", "grace_seconds",
                 "store_timeout"):
         if c[key] <= 0:

@@ -7,6 +7,7 @@ and the pod's JOB_COMPLETION_INDEX (set by Kubernetes for Indexed Jobs).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -79,10 +80,16 @@ def make_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
         return tf.distribute.MultiWorkerMirroredStrategy()
     if runtime.cpu_replicas:
         split_cpu(runtime.cpu_replicas)
-        devices = [d.name for d in tf.config.list_logical_devices("CPU")][: runtime.cpu_replicas]
-        return tf.distribute.MirroredStrategy(devices=devices)
-    # With no arguments MirroredStrategy takes every visible GPU, or the CPU when there is none.
-    return tf.distribute.MirroredStrategy()
+        return _mirrored(tuple(d.name for d in tf.config.list_logical_devices("CPU")[: runtime.cpu_replicas]))
+    # With no devices MirroredStrategy takes every visible GPU, or the CPU when there is none.
+    return _mirrored(None)
+
+
+@functools.cache
+def _mirrored(devices: tuple[str, ...] | None) -> tf.distribute.MirroredStrategy:
+    # One strategy per device set and process: two MirroredStrategy objects over the same devices
+    # reuse collective keys, and their all-reduces of differently shaped models collide (TF issue 62790).
+    return tf.distribute.MirroredStrategy(devices=list(devices) if devices else None)
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:

@@ -16,12 +16,17 @@ def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
     return images, layers.Rescaling(1.0 / 255, name="rescale")(images)
 
 
+def _logits(x: keras.KerasTensor) -> keras.KerasTensor:
+    # float32 even under a mixed-precision policy: the softmax cross-entropy needs the range.
+    return layers.Dense(NUM_CLASSES, dtype="float32", name="logits")(x)
+
+
 def _dense_stack(name: str, widths: tuple[int, ...]) -> keras.Model:
     images, x = _inputs()
     x = layers.Flatten(name="flatten")(x)
     for i, width in enumerate(widths):
         x = layers.Dense(width, activation="relu", kernel_initializer="glorot_uniform", name=f"hidden{i + 1}")(x)
-    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    logits = _logits(x)
     return keras.Model(images, logits, name=name)
 
 
@@ -42,7 +47,7 @@ def cnn() -> keras.Model:
     x = layers.MaxPooling2D(2, name="pool1")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="hidden1")(x)
-    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    logits = _logits(x)
     return keras.Model(images, logits, name="cnn")
 
 
@@ -59,7 +64,7 @@ def convnet_bn() -> keras.Model:
     x = layers.BatchNormalization(name="hidden1_bn")(x)
     x = layers.Activation("relu", name="hidden1_relu")(x)
     x = layers.Dropout(0.4, name="dropout")(x)
-    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    logits = _logits(x)
     return keras.Model(images, logits, name="convnet_bn")
 
 
@@ -76,7 +81,7 @@ def lenet_bn() -> keras.Model:
     x = layers.MaxPooling2D(2, name="pool2")(x)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="hidden1")(x)
-    logits = layers.Dense(NUM_CLASSES, name="logits")(x)
+    logits = _logits(x)
     return keras.Model(images, logits, name="lenet_bn")
 
 
@@ -89,7 +94,12 @@ MODELS: dict[str, Callable[[], keras.Model]] = {
 }
 
 
-def build_model(name: str) -> keras.Model:
-    """Build a fresh model by registry name (call inside `strategy.scope()`)."""
-    return MODELS[name]()
+def build_model(name: str, precision: str = "float32") -> keras.Model:
+    """Build a fresh model by registry name under a Keras dtype policy (call inside `strategy.scope()`)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(precision)  # layers keep the policy they were built with
+    try:
+        return MODELS[name]()
+    finally:
+        keras.config.set_dtype_policy(previous)
 

@@ -52,9 +52,13 @@ def learning_rate_schedule(config: OptimizerConfig, steps_per_epoch: int,
     )
 
 
-def build_optimizer(config: OptimizerConfig, steps_per_epoch: int, total_steps: int) -> keras.optimizers.Optimizer:
-    """The configured optimiser (SGD with momentum or FusedAdam) on its learning-rate schedule."""
+def build_optimizer(config: OptimizerConfig, steps_per_epoch: int, total_steps: int,
+                    loss_scaling: bool = False) -> keras.optimizers.Optimizer:
+    """The configured optimiser (SGD with momentum or FusedAdam) on its learning-rate schedule,
+    wrapped in dynamic loss scaling for float16 training."""
     rate = learning_rate_schedule(config, steps_per_epoch, total_steps)
     if config.optimizer == "sgd":
-        return keras.optimizers.SGD(rate, momentum=config.momentum)
-    return FusedAdam(rate)
+        optimizer: keras.optimizers.Optimizer = keras.optimizers.SGD(rate, momentum=config.momentum)
+    else:
+        optimizer = FusedAdam(rate)
+    return keras.optimizers.LossScaleOptimizer(optimizer) if loss_scaling else optimizer

@@ -78,8 +78,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
                               f"{strategy.num_replicas_in_sync} replicas")
         keras.utils.set_random_seed(config.run.seed)
         with strategy.scope():
-            model = build_model(config.model.model)
-            optimizer = build_optimizer(config.optimizer, per_epoch, total_steps)
+            model = build_model(config.model.model, config.runtime.precision)
+            optimizer = build_optimizer(config.optimizer, per_epoch, total_steps,
+                                        loss_scaling=config.runtime.precision == "mixed_float16")
             optimizer.build(model.trainable_variables)
         checkpoints = Checkpoints(local.checkpoints, model, optimizer)
         try:
@@ -145,7 +146,8 @@ class _Loop:
         dataset = self.strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
             train, global_batch, config.run.epochs, config.run.seed, start_step, config.data.augment))
         iterator = iter(dataset)
-        train_chunk = _make_train_chunk(self.strategy, self.model, self.optimizer, global_batch)
+        train_chunk = _make_train_chunk(self.strategy, self.model, self.optimizer, global_batch,
+                                        config.runtime.jit_compile)
 
         step, last_eval = start_step, None
         chunk_times: list[tuple[int, float]] = []  # (examples, seconds) per tf.function call
@@ -190,12 +192,12 @@ class _Loop:
         raise Interrupted(step, shipped, self.shipper.store.url if shipped else self.local.root)
 
 
-def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model,
-                      optimizer: keras.optimizers.Optimizer, global_batch: int) -> Callable[..., Any]:
+def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                      global_batch: int, jit_compile: bool = False) -> Callable[..., Any]:
     """A tf.function running `steps` synchronous training steps; returns (summed loss, correct)."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
-    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    def gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
         with tf.GradientTape() as tape:
             logits = model(images, training=True)
             per_example = loss_fn(labels, logits)
@@ -203,10 +205,18 @@ def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model,
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
             if model.losses:
                 loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        gradients = tape.gradient(loss, model.trainable_variables)
-        optimizer.apply_gradients(zip(gradients, model.trainable_variables))
+            scaled = optimizer.scale_loss(loss)  # the loss itself unless float16 loss scaling is on
         correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1), labels), tf.float32))
-        return tf.reduce_sum(per_example), correct
+        return tape.gradient(scaled, model.trainable_variables), tf.reduce_sum(per_example), correct
+
+    if jit_compile:
+        # XLA fuses the forward and backward pass; the update (with its cross-replica all-reduce) stays outside.
+        gradients = tf.function(gradients, jit_compile=True)
+
+    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        grads, loss_sum, correct = gradients(images, labels)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss_sum, correct
 
     @tf.function
     def train_chunk(iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:

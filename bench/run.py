@@ -1,7 +1,7 @@
 """`make bench`: run the benchmarks, print a table and write bench/results.json.
 
 All comparisons run on this machine in this one invocation and are reported as ratios.
-`make bench ONLY=storage_overhead` (or throughput) runs one suite.
+`make bench ONLY=storage_overhead` (or throughput, time_to_accuracy) runs one suite.
 """
 
 from __future__ import annotations
@@ -16,9 +16,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import storage_overhead  # noqa: E402
 import throughput  # noqa: E402
+import time_to_accuracy  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
-SUITES = {"throughput": throughput.run, "storage_overhead": storage_overhead.run}
+SUITES = {"throughput": throughput.run, "time_to_accuracy": time_to_accuracy.run,
+          "storage_overhead": storage_overhead.run}
 
 
 def _table(results: dict) -> list[tuple[str, str]]:
@@ -30,10 +32,19 @@ def _table(results: dict) -> list[tuple[str, str]]:
             ("trainer examples/sec (cnn, batch 64)", f"{e['trainer']:.0f}"),
             ("  vs tutorial loop", f"{t['trainer_over_tutorial_loop']:.2f} x ({e['tutorial_loop']:.0f}/s)"),
             ("  vs Keras fit", f"{t['trainer_over_keras_fit']:.2f} x ({e['keras_fit']:.0f}/s)"),
+            ("  vs Keras fit with oneDNN on", f"{t['trainer_over_keras_fit_onednn']:.2f} x "
+                                              f"({e['keras_fit_onednn']:.0f}/s)"),
             ("model FLOP/s vs matmul peak", f"{t['efficiency_percent']}% ({t['achieved_gflops']} of "
                                             f"{t['peak_matmul_gflops']} GFLOP/s)"),
             ("2 CPU replicas vs 1, same global batch", f"{t['two_replicas_over_one']:.2f} x"),
             ("peak resident memory of a run", f"{t['peak_rss_mib']:.0f} MiB"),
+        ]
+    if "time_to_accuracy" in results:
+        a = results["time_to_accuracy"]
+        ours, theirs = a["trainer"]["seconds_to_target"], a["keras_io_recipe"]["seconds_to_target"]
+        rows += [
+            (f"seconds to {a['target']:.1%} test accuracy, trainer", f"{ours} s (lenet_bn, from process start)"),
+            ("  keras.io convnet recipe (fit)", f"{theirs} s ({a['speedup']} x slower)"),
         ]
     if "storage_overhead" in results:
         s = results["storage_overhead"]

@@ -2,7 +2,8 @@
 
 References, written here: (a) the tutorial's loop as published (a GradientTape step in a
 tf.function, Adam, tf.data shuffle + batch); (b) Keras `model.fit`. Each runs in a fresh process;
-examples/sec are counted after a warm-up. Also measured: the trainer with 2 logical CPU replicas
+examples/sec are counted after a warm-up. The references run with TensorFlow's default settings, as
+published; Keras fit also runs with oneDNN on, the runtime setting the trainer's entry point makes. Also measured: the trainer with 2 logical CPU replicas
 vs 1 at the same global batch, model FLOP/s against this machine's float32 matmul peak, and the
 trainer's peak resident memory.
 """
@@ -102,8 +103,12 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 '''
 
 
-def _python(code: str, *args: str) -> str:
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def _python(code: str, *args: str, onednn: bool | None = None) -> str:
+    """Run `code` in a fresh Python; onednn None leaves TF_ENABLE_ONEDNN_OPTS to TensorFlow's own default."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1" if onednn else "0"
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, check=True,
                             capture_output=True, text=True)
     return result.stdout.strip().splitlines()[-1]
@@ -124,10 +129,13 @@ def run() -> dict[str, Any]:
     started = time.time()
     tutorial = json.loads(_python(_REFERENCE, "tutorial", str(BATCH), str(WARMUP_STEPS), str(TIMED_STEPS)))
     fit = json.loads(_python(_REFERENCE, "fit", str(BATCH), str(WARMUP_STEPS), str(TIMED_STEPS)))
+    # The trainer's entry point turns on oneDNN; fit with the same runtime setting separates the two effects.
+    fit_onednn = json.loads(_python(_REFERENCE, "fit", str(BATCH), str(WARMUP_STEPS), str(TIMED_STEPS), onednn=True))
     with tempfile.TemporaryDirectory() as work:
         one, rss = _trainer(work, "one-replica")
         two, _ = _trainer(work, "two-replicas", "--cpu-replicas", "2")
-    peak = json.loads(_python(_PEAK))["peak_flops"]
+    # The matmul peak is the better of TensorFlow's Eigen and oneDNN kernels.
+    peak = max(json.loads(_python(_PEAK, onednn=on))["peak_flops"] for on in (False, True))
     forward = json.loads(_python(_FLOPS))["forward_flops_per_image"]
     train_flops = 3 * forward  # forward + backward (about twice the forward)
     trainer = one["examples_per_sec"]
@@ -135,9 +143,11 @@ def run() -> dict[str, Any]:
         "workload": f"cnn preset, MNIST, batch {BATCH}; references timed over {TIMED_STEPS} steps after "
                     f"{WARMUP_STEPS}; the trainer over one epoch after its first call",
         "examples_per_sec": {"trainer": trainer, "tutorial_loop": round(tutorial["examples_per_sec"], 1),
-                             "keras_fit": round(fit["examples_per_sec"], 1)},
+                             "keras_fit": round(fit["examples_per_sec"], 1),
+                             "keras_fit_onednn": round(fit_onednn["examples_per_sec"], 1)},
         "trainer_over_tutorial_loop": round(trainer / tutorial["examples_per_sec"], 3),
         "trainer_over_keras_fit": round(trainer / fit["examples_per_sec"], 3),
+        "trainer_over_keras_fit_onednn": round(trainer / fit_onednn["examples_per_sec"], 3),
         "training_flops_per_image": train_flops,
         "achieved_gflops": round(train_flops * trainer / 1e9, 2),
         "peak_matmul_gflops": round(peak / 1e9, 2),

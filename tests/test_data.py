@@ -10,7 +10,8 @@ import pytest
 import tensorflow as tf
 
 from trainer import data as data_lib
-from trainer.config import DataConfig
+from trainer.config import DataConfig, RuntimeConfig
+from trainer.distribute import make_strategy
 from trainer.data import DataError, Split, load_split
 
 MNIST_TRAIN = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -79,32 +80,41 @@ def test_idx_files_round_trip(tmp_path):
     np.testing.assert_array_equal(data_lib.read_idx(str(tmp_path / "x.gz")), array)
 
 
-def _strategy(replicas: int) -> tf.distribute.Strategy:
-    return tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
-
-
 def _small(split: Split, n: int) -> Split:
     return Split(images=split.images[:n], labels=split.labels[:n], source=split.source)
 
 
+def _host_batches_fn(split: Split, batch: int, epochs: int, seed: int, start_step: int = 0, augment: bool = False):
+    """The trainer's index stream, gathered on the host by the same gather_batch."""
+    index_fn = data_lib.train_index_fn(len(split), batch, epochs, seed, start_step, augment)
+    images, labels = tf.constant(split.images), tf.constant(split.labels)
+    return lambda context: index_fn(context).map(lambda b: data_lib.gather_batch(images, labels, b))
+
+
 def _global_batches(split: Split, batch: int, start_step: int = 0, steps: int = 3) -> list[np.ndarray]:
-    fn = data_lib.train_dataset_fn(split, batch, epochs=2, seed=3, start_step=start_step)
+    fn = _host_batches_fn(split, batch, epochs=2, seed=3, start_step=start_step)
     ds = fn(tf.distribute.InputContext(num_input_pipelines=1, input_pipeline_id=0, num_replicas_in_sync=1))
     return [images.numpy() for images, _ in ds.take(steps)]
 
 
-def test_two_replicas_get_disjoint_halves_of_each_global_batch(mnist):
+def test_two_replicas_gather_disjoint_halves_of_each_global_batch_on_their_own_device(mnist):
     split = _small(mnist["train"], 1024)
-    strategy = _strategy(2)
-    fn = data_lib.train_dataset_fn(split, 64, epochs=2, seed=3)
-    dataset = strategy.distribute_datasets_from_function(fn)
+    strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
+    resident = data_lib.resident_split(strategy, split)
+    assert [images.device.split("/")[-1] for images, _ in strategy.experimental_local_results(resident)] == \
+        ["device:CPU:0", "device:CPU:1"]
+    dataset = strategy.distribute_datasets_from_function(data_lib.train_index_fn(len(split), 64, epochs=2, seed=3))
+    gather = tf.function(lambda batch: strategy.run(lambda s, b: data_lib.gather_batch(*s, b), args=(resident, batch)))
     expected = _global_batches(split, 64)
-    for (images, labels), whole in zip(dataset, expected):
+    for batch, whole in zip(dataset, expected):
+        images, labels = gather(batch)
         first, second = (t.numpy() for t in strategy.experimental_local_results(images))
         assert first.shape == second.shape == (32, 28, 28, 1)
         # Each replica holds its own half of the global batch, in order, with no overlap.
         np.testing.assert_array_equal(np.concatenate([first, second]), whole)
         assert not {a.tobytes() for a in first} & {b.tobytes() for b in second}
+        np.testing.assert_array_equal(np.concatenate(strategy.experimental_local_results(labels)),
+                                      split.labels[np.concatenate(strategy.experimental_local_results(batch["indices"]))])
 
 
 def test_epochs_are_reshuffled_by_seed_and_resume_continues_the_stream(mnist):
@@ -120,13 +130,19 @@ def test_epochs_are_reshuffled_by_seed_and_resume_continues_the_stream(mnist):
 
 def test_augmentation_shifts_images_deterministically(mnist):
     split = _small(mnist["train"], 256)
-    fn = data_lib.train_dataset_fn(split, 64, epochs=1, seed=1, augment=True)
+    fn = _host_batches_fn(split, 64, epochs=1, seed=1, augment=True)
     context = tf.distribute.InputContext()
     a = next(iter(fn(context)))[0].numpy()
     b = next(iter(fn(context)))[0].numpy()
-    plain = next(iter(data_lib.train_dataset_fn(split, 64, epochs=1, seed=1)(context)))[0].numpy()
+    plain = next(iter(_host_batches_fn(split, 64, epochs=1, seed=1)(context)))[0].numpy()
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, plain)
+    # Every image is its plain self moved by at most AUGMENT_SHIFT pixels per axis, black filled in.
+    s = data_lib.AUGMENT_SHIFT
+    padded = np.pad(plain, [(0, 0), (s, s), (s, s), (0, 0)])
+    for shifted, source in zip(a, padded):
+        windows = [source[r:r + 28, c:c + 28] for r in range(2 * s + 1) for c in range(2 * s + 1)]
+        assert any(np.array_equal(shifted, w) for w in windows)
     # A shift moves pixels but keeps (almost all of) the ink: digits sit well inside the frame.
     assert abs(int(a.sum()) - int(plain.sum())) < 0.01 * int(plain.sum())
 

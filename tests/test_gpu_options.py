@@ -30,8 +30,8 @@ def _train(mnist: dict, model_name: str, precision: str, jit_compile: bool, opti
         config = OptimizerConfig(optimizer=optimizer, learning_rate=0.01 if optimizer == "adam" else 0.1)
         optimizer_ = build_optimizer(config, steps, steps, loss_scaling=precision == "mixed_float16")
         optimizer_.build(model.trainable_variables)
-    dataset = strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(split, BATCH, 1, seed=0))
-    chunk = _make_train_chunk(strategy, model, optimizer_, BATCH, jit_compile)
+    dataset = strategy.distribute_datasets_from_function(data_lib.train_index_fn(len(split), BATCH, 1, seed=0))
+    chunk = _make_train_chunk(strategy, model, optimizer_, BATCH, data_lib.resident_split(strategy, split), jit_compile)
     loss_sum, correct = chunk(iter(dataset), tf.constant(steps))
     return model, optimizer_, float(loss_sum), float(correct) / (steps * BATCH)
 

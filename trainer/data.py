@@ -226,26 +226,27 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
     return num_examples // global_batch
 
 
-def train_dataset_fn(
-    split: Split, global_batch: int, epochs: int, seed: int, start_step: int = 0, augment: bool = False
+def train_index_fn(
+    num_examples: int, global_batch: int, epochs: int, seed: int, start_step: int = 0, augment: bool = False
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """A dataset function for `distribute_datasets_from_function` yielding per-replica batches.
+    """A dataset function for `distribute_datasets_from_function` yielding per-replica batches of
+    example indices ({"indices"}, plus {"offsets"} of the random shifts when augmenting).
 
+    The images themselves stay on each replica's device (`resident_split`) and are gathered there
+    (`gather_batch`), so a step moves a few hundred bytes of indices, not images.
     Epoch e is the worker's shard in an order fixed by (seed, e); starting at `start_step`
     skips exactly the examples already trained on, so the data position needs no shuffle
     buffer in the checkpoint.
     """
-    images, labels = split.images, split.labels
-    per_epoch = steps_per_epoch(len(split), global_batch)
+    per_epoch = steps_per_epoch(num_examples, global_batch)
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = context.get_per_replica_batch_size(global_batch)
         per_worker = global_batch // context.num_input_pipelines
-        base = tf.data.Dataset.from_tensor_slices((images, labels))
+        base = tf.data.Dataset.range(num_examples)
         if context.num_input_pipelines > 1:
             base = base.shard(context.num_input_pipelines, context.input_pipeline_id)
-        base = base.cache()
-        shard_size = len(split) // context.num_input_pipelines
+        shard_size = num_examples // context.num_input_pipelines
 
         def one_epoch(epoch: int) -> tf.data.Dataset:
             epoch_seed = seed * 100_003 + epoch
@@ -253,8 +254,8 @@ def train_dataset_fn(
             ds = ds.take(per_epoch * per_worker)
             if augment:
                 noise = tf.data.Dataset.random(seed=epoch_seed).batch(2)
-                ds = tf.data.Dataset.zip((ds, noise)).map(_shift, num_parallel_calls=tf.data.AUTOTUNE)
-            return ds
+                return tf.data.Dataset.zip((ds, noise)).map(_with_offsets, num_parallel_calls=tf.data.AUTOTUNE)
+            return ds.map(lambda index: {"indices": index})
 
         start_epoch, offset = divmod(start_step, per_epoch)
         ds = functools.reduce(tf.data.Dataset.concatenate, [one_epoch(e) for e in range(start_epoch, epochs)])
@@ -265,10 +266,38 @@ def train_dataset_fn(
     return dataset_fn
 
 
-def _shift(example: tuple[tf.Tensor, tf.Tensor], seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    image, label = example
-    padded = tf.pad(image, [[AUGMENT_SHIFT, AUGMENT_SHIFT], [AUGMENT_SHIFT, AUGMENT_SHIFT], [0, 0]])
-    return tf.image.stateless_random_crop(padded, IMAGE_SHAPE, seed=seed), label
+def _with_offsets(index: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
+    offsets = tf.random.stateless_uniform([2], seed=seed, minval=0, maxval=2 * AUGMENT_SHIFT + 1, dtype=tf.int32)
+    return {"indices": index, "offsets": offsets}
+
+
+def resident_split(strategy: tf.distribute.Strategy, split: Split) -> tf.distribute.DistributedValues:
+    """The split's (images, labels), copied once into every replica's device memory (47 MB for MNIST)."""
+    devices = strategy.extended.worker_devices
+
+    def on_device(context: tf.distribute.ValueContext) -> tuple[tf.Tensor, tf.Tensor]:
+        # Replica ids count across workers; each worker lists only its own devices.
+        with tf.device(devices[context.replica_id_in_sync_group % len(devices)]):
+            return tf.identity(split.images), tf.identity(split.labels)
+
+    return strategy.experimental_distribute_values_from_function(on_device)
+
+
+def gather_batch(images: tf.Tensor, labels: tf.Tensor, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """The batch's examples from resident images and labels, shifted by its offsets if it has them."""
+    x, y = tf.gather(images, batch["indices"]), tf.gather(labels, batch["indices"])
+    if "offsets" in batch:
+        x = _shift(x, batch["offsets"])
+    return x, y
+
+
+def _shift(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
+    """Translate each image by (offset - AUGMENT_SHIFT) pixels per axis, filling with black."""
+    s, (height, width) = AUGMENT_SHIFT, IMAGE_SHAPE[:2]
+    padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]])
+    rows = offsets[:, :1] + tf.range(height)[tf.newaxis]
+    cols = offsets[:, 1:] + tf.range(width)[tf.newaxis]
+    return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
 
 
 def eval_dataset_fn(split: Split, global_batch: int) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:

@@ -38,19 +38,30 @@ def _batch_stats(logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     return tf.reduce_sum(per_example), confusion
 
 
-def evaluate_distributed(strategy: tf.distribute.Strategy, model: keras.Model, split: Split,
-                         global_batch: int) -> dict[str, Any]:
-    """Evaluate a live model on every example of `split`, each replica taking a share of each batch."""
-    dataset = strategy.distribute_datasets_from_function(eval_dataset_fn(split, global_batch))
+EVAL_BATCH_PER_REPLICA = 500  # evaluation needs no gradients: large batches, few calls
+
+
+def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, split: Split) -> Callable[[], dict[str, Any]]:
+    """A function evaluating the live model on every example of `split`, each replica taking a share
+    of each batch; the whole pass is one tf.function call, traced once."""
+    dataset = strategy.distribute_datasets_from_function(
+        eval_dataset_fn(split, EVAL_BATCH_PER_REPLICA * strategy.num_replicas_in_sync))
+    sum_ = tf.distribute.ReduceOp.SUM
 
     @tf.function
-    def eval_batch(batch: tuple[Any, Any]) -> tuple[tf.Tensor, tf.Tensor]:
-        images, labels = batch
-        loss, confusion = strategy.run(lambda x, y: _batch_stats(model(x, training=False), y), args=(images, labels))
-        sum_ = tf.distribute.ReduceOp.SUM
-        return strategy.reduce(sum_, loss, axis=None), strategy.reduce(sum_, confusion, axis=None)
+    def evaluate_all() -> tuple[tf.Tensor, tf.Tensor]:
+        loss_sum, confusion = tf.constant(0.0), tf.zeros((NUM_CLASSES, NUM_CLASSES), tf.int64)
+        for images, labels in dataset:
+            loss, matrix = strategy.run(lambda x, y: _batch_stats(model(x, training=False), y), args=(images, labels))
+            loss_sum += strategy.reduce(sum_, loss, axis=None)
+            confusion += strategy.reduce(sum_, matrix, axis=None)
+        return loss_sum, confusion
 
-    return _accumulate(eval_batch(batch) for batch in dataset)
+    def evaluate() -> dict[str, Any]:
+        loss_sum, confusion = evaluate_all()
+        return summarize(confusion.numpy(), float(loss_sum))
+
+    return evaluate
 
 
 def evaluate_serving(serve: Callable[..., dict[str, tf.Tensor]], split: Split, batch: int = 500) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from trainer import data as data_lib
 from trainer.checkpoints import Checkpoints, StopSignal
 from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts
 from trainer.distribute import any_worker, describe, is_chief, make_strategy
-from trainer.evaluate import evaluate_distributed
+from trainer.evaluate import make_evaluator
 from trainer.export import export_model
 from trainer.models import build_model
 from trainer.optimizers import build_optimizer
@@ -99,8 +99,9 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         shipper = Shipper(local, store, config.run.ship_every, shipped, log) if chief else None
         with shipper or contextlib.nullcontext():
             loop = _Loop(config, strategy, model, optimizer, checkpoints, shipper, stop, local)
-            chunk_times, last_eval = loop.run(train, test, start_step, total_steps)
-            final = last_eval or evaluate_distributed(strategy, model, test, global_batch)
+            evaluate = make_evaluator(strategy, model, test)
+            chunk_times, last_eval = loop.run(train, evaluate, start_step, total_steps)
+            final = last_eval or evaluate()
             export_model(model, local.model)
             metrics = {
                 **final,
@@ -133,7 +134,7 @@ class _Loop:
         self.config, self.strategy, self.model, self.optimizer = config, strategy, model, optimizer
         self.checkpoints, self.shipper, self.stop, self.local = checkpoints, shipper, stop, local
 
-    def run(self, train: data_lib.Split, test: data_lib.Split, start_step: int,
+    def run(self, train: data_lib.Split, evaluate: Callable[[], dict[str, Any]], start_step: int,
             total_steps: int) -> tuple[list[tuple[int, float]], dict[str, Any] | None]:
         """Train from start_step to total_steps; return per-call timings and the last evaluation."""
         config, global_batch = self.config, self.config.run.batch_size
@@ -143,10 +144,12 @@ class _Loop:
         test_writer = _writer(self.local.path("logs", "test"), chief)
         if start_step == 0 and chief:
             _log_run_start(self.local.logs, train_writer, config, train)
-        dataset = self.strategy.distribute_datasets_from_function(data_lib.train_dataset_fn(
-            train, global_batch, config.run.epochs, config.run.seed, start_step, config.data.augment))
+        # Images live on every replica's device; the pipeline only feeds example indices.
+        resident = data_lib.resident_split(self.strategy, train)
+        dataset = self.strategy.distribute_datasets_from_function(data_lib.train_index_fn(
+            len(train), global_batch, config.run.epochs, config.run.seed, start_step, config.data.augment))
         iterator = iter(dataset)
-        train_chunk = _make_train_chunk(self.strategy, self.model, self.optimizer, global_batch,
+        train_chunk = _make_train_chunk(self.strategy, self.model, self.optimizer, global_batch, resident,
                                         config.runtime.jit_compile)
 
         step, last_eval = start_step, None
@@ -168,7 +171,7 @@ class _Loop:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{accuracy:.4f}", refresh=False)
                 epoch = step // per_epoch
                 if step == epoch_end:
-                    last_eval = evaluate_distributed(self.strategy, self.model, test, global_batch)
+                    last_eval = evaluate()
                     _write_scalars(test_writer, step, loss=last_eval["test_loss"],
                                    accuracy=last_eval["test_accuracy"])
                     bar.write(f"epoch {epoch}/{config.run.epochs}: test accuracy "
@@ -193,8 +196,10 @@ class _Loop:
 
 
 def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
-                      global_batch: int, jit_compile: bool = False) -> Callable[..., Any]:
-    """A tf.function running `steps` synchronous training steps; returns (summed loss, correct)."""
+                      global_batch: int, resident: tf.distribute.DistributedValues,
+                      jit_compile: bool = False) -> Callable[..., Any]:
+    """A tf.function running `steps` synchronous training steps on batches of indices into the
+    replica-resident split; returns (summed loss, correct)."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
     def gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
@@ -213,8 +218,8 @@ def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model, opti
         # XLA fuses the forward and backward pass; the update (with its cross-replica all-reduce) stays outside.
         gradients = tf.function(gradients, jit_compile=True)
 
-    def replica_step(images: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        grads, loss_sum, correct = gradients(images, labels)
+    def replica_step(split: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        grads, loss_sum, correct = gradients(*data_lib.gather_batch(*split, batch))
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss_sum, correct
 
@@ -222,7 +227,7 @@ def _make_train_chunk(strategy: tf.distribute.Strategy, model: keras.Model, opti
     def train_chunk(iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
         for _ in tf.range(steps):
-            loss, right = strategy.run(replica_step, args=next(iterator))
+            loss, right = strategy.run(replica_step, args=(resident, next(iterator)))
             loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
             correct += strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None)
         return loss_sum, correct

@@ -43,7 +43,8 @@ def _table(results: dict) -> list[tuple[str, str]]:
         a = results["time_to_accuracy"]
         ours, theirs = a["trainer"]["seconds_to_target"], a["keras_io_recipe"]["seconds_to_target"]
         rows += [
-            (f"seconds to {a['target']:.1%} test accuracy, trainer", f"{ours} s (lenet_bn, median of 3, from process start)"),
+            (f"seconds to {a['target']:.1%} test accuracy, trainer",
+             f"{ours} s (lenet_bn, median of 3, from process start)"),
             ("  keras.io convnet recipe (fit)", f"{theirs} s ({a['speedup']} x slower)"),
         ]
     if "storage_overhead" in results:

@@ -3,9 +3,9 @@
 References, written here: (a) the tutorial's loop as published (a GradientTape step in a
 tf.function, Adam, tf.data shuffle + batch); (b) Keras `model.fit`. Each runs in a fresh process;
 examples/sec are counted after a warm-up. The references run with TensorFlow's default settings, as
-published; Keras fit also runs with oneDNN on, the runtime setting the trainer's entry point makes. Also measured: the trainer with 2 logical CPU replicas
-vs 1 at the same global batch, model FLOP/s against this machine's float32 matmul peak, and the
-trainer's peak resident memory.
+published; Keras fit also runs with oneDNN on, the runtime setting the trainer's entry point makes.
+Also measured: the trainer with 2 logical CPU replicas vs 1 at the same global batch, model FLOP/s
+against this machine's float32 matmul peak, and the trainer's peak resident memory.
 """
 
 from __future__ import annotations

@@ -113,8 +113,8 @@ def test_two_replicas_gather_disjoint_halves_of_each_global_batch_on_their_own_d
         # Each replica holds its own half of the global batch, in order, with no overlap.
         np.testing.assert_array_equal(np.concatenate([first, second]), whole)
         assert not {a.tobytes() for a in first} & {b.tobytes() for b in second}
-        np.testing.assert_array_equal(np.concatenate(strategy.experimental_local_results(labels)),
-                                      split.labels[np.concatenate(strategy.experimental_local_results(batch["indices"]))])
+        indices = np.concatenate(strategy.experimental_local_results(batch["indices"]))
+        np.testing.assert_array_equal(np.concatenate(strategy.experimental_local_results(labels)), split.labels[indices])
 
 
 def test_epochs_are_reshuffled_by_seed_and_resume_continues_the_stream(mnist):

@@ -51,14 +51,19 @@ def cnn() -> keras.Model:
     return keras.Model(images, logits, name="cnn")
 
 
+def _conv_bn_block(x: keras.KerasTensor, block: int, filters: int, size: int, padding: str) -> keras.KerasTensor:
+    """Conv (no bias: batch norm re-centres) -> batch norm -> ReLU -> 2x2 max-pool, named conv{block}..."""
+    x = layers.Conv2D(filters, size, padding=padding, use_bias=False, name=f"conv{block}")(x)
+    x = layers.BatchNormalization(name=f"conv{block}_bn")(x)
+    x = layers.Activation("relu", name=f"conv{block}_relu")(x)
+    return layers.MaxPooling2D(2, name=f"pool{block}")(x)
+
+
 def convnet_bn() -> keras.Model:
     """Three conv blocks (32, 64, 128 filters; 3x3, batch norm, max-pool), Dense 256 with dropout."""
     images, x = _inputs()
     for block, filters in enumerate((32, 64, 128), start=1):
-        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"conv{block}")(x)
-        x = layers.BatchNormalization(name=f"conv{block}_bn")(x)
-        x = layers.Activation("relu", name=f"conv{block}_relu")(x)
-        x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+        x = _conv_bn_block(x, block, filters, 3, "same")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(256, use_bias=False, name="hidden1")(x)
     x = layers.BatchNormalization(name="hidden1_bn")(x)
@@ -75,10 +80,7 @@ def lenet_bn() -> keras.Model:
     images, x = _inputs()
     x = layers.Conv2D(16, 5, activation="relu", name="conv1")(x)
     x = layers.MaxPooling2D(2, name="pool1")(x)
-    x = layers.Conv2D(32, 5, use_bias=False, name="conv2")(x)
-    x = layers.BatchNormalization(name="conv2_bn")(x)
-    x = layers.Activation("relu", name="conv2_relu")(x)
-    x = layers.MaxPooling2D(2, name="pool2")(x)
+    x = _conv_bn_block(x, 2, 32, 5, "valid")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="hidden1")(x)
     logits = _logits(x)

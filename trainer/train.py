@@ -100,7 +100,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
         with shipper or contextlib.nullcontext():
             loop = _Loop(config, strategy, model, optimizer, checkpoints, shipper, stop, local)
             evaluate = make_evaluator(strategy, model, test)
-            chunk_times, last_eval = loop.run(train, evaluate, start_step, total_steps)
+            chunk_times, last_eval = loop.run(train, evaluate, start_step, per_epoch, total_steps)
             final = last_eval or evaluate()
             export_model(model, local.model)
             metrics = {
@@ -134,11 +134,10 @@ class _Loop:
         self.config, self.strategy, self.model, self.optimizer = config, strategy, model, optimizer
         self.checkpoints, self.shipper, self.stop, self.local = checkpoints, shipper, stop, local
 
-    def run(self, train: data_lib.Split, evaluate: Callable[[], dict[str, Any]], start_step: int,
+    def run(self, train: data_lib.Split, evaluate: Callable[[], dict[str, Any]], start_step: int, per_epoch: int,
             total_steps: int) -> tuple[list[tuple[int, float]], dict[str, Any] | None]:
         """Train from start_step to total_steps; return per-call timings and the last evaluation."""
         config, global_batch = self.config, self.config.run.batch_size
-        per_epoch = data_lib.steps_per_epoch(len(train), global_batch)
         chief = self.shipper is not None
         train_writer = _writer(self.local.path("logs", "train"), chief)
         test_writer = _writer(self.local.path("logs", "test"), chief)

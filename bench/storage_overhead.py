@@ -14,7 +14,8 @@ import sys
 import tempfile
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, trainer_command
+
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from gcs import Emulator  # noqa: E402  (the same loopback emulator the tests use)
@@ -23,8 +24,7 @@ TRAIN = ["--model", "cnn", "--epochs", "1"]  # default checkpoint and shipping i
 
 
 def _train(output_dir: str, run: str, work: str, env: dict[str, str]) -> float:
-    command = [sys.executable, "-m", "trainer", "train", *TRAIN, "--output-dir", output_dir, "--run", run,
-               "--scratch-dir", os.path.join(work, "scratch")]
+    command = trainer_command(output_dir, run, os.path.join(work, "scratch"), *TRAIN)
     subprocess.run(command, cwd=ROOT, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     if output_dir.startswith("gs://"):
         path = os.path.join(work, "scratch", run, "metrics.json")

@@ -18,7 +18,8 @@ import tempfile
 import time
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, reference_env, trainer_command
+
 BATCH = 64
 WARMUP_STEPS = 30
 TIMED_STEPS = 300
@@ -105,11 +106,8 @@ print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 
 def _python(code: str, *args: str, onednn: bool | None = None) -> str:
-    """Run `code` in a fresh Python; onednn None leaves TF_ENABLE_ONEDNN_OPTS to TensorFlow's own default."""
-    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    if onednn is not None:
-        env["TF_ENABLE_ONEDNN_OPTS"] = "1" if onednn else "0"
+    """Run `code` in a fresh Python; the last line it prints."""
+    env = reference_env(onednn)
     result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, check=True,
                             capture_output=True, text=True)
     return result.stdout.strip().splitlines()[-1]
@@ -117,9 +115,8 @@ def _python(code: str, *args: str, onednn: bool | None = None) -> str:
 
 def _trainer(work: str, run: str, *flags: str) -> tuple[dict[str, Any], float]:
     """One trainer run; its metrics.json and its peak resident memory in MiB."""
-    command = [sys.executable, "-m", "trainer", "train", "--model", "cnn", "--epochs", "1", "--batch-size",
-               str(BATCH), "--output-dir", os.path.join(work, "runs"), "--run", run,
-               "--scratch-dir", os.path.join(work, "scratch"), *flags]
+    command = trainer_command(os.path.join(work, "runs"), run, os.path.join(work, "scratch"),
+                              "--model", "cnn", "--epochs", "1", "--batch-size", str(BATCH), *flags)
     max_rss_kib = int(_python(_MAXRSS, *command))
     with open(os.path.join(work, "runs", run, "metrics.json")) as f:
         return json.load(f), max_rss_kib / 1024

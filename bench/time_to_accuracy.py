@@ -24,7 +24,8 @@ from typing import Any
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, reference_env, trainer_command
+
 TARGET = 0.99
 PRESET = "lenet_bn"
 TRAINER_RUNS = 3  # the machine is noisy: the median run counts (the recipe, ~6 minutes, runs once)
@@ -68,8 +69,7 @@ model.fit(x_train, y_train, batch_size=128, epochs=15, validation_split=0.1, ver
 
 def _trainer(work: str, run: str) -> dict[str, Any]:
     """Run the preset once; seconds from process start to its first test accuracy >= TARGET."""
-    command = [sys.executable, "-m", "trainer", "train", "--model", PRESET, "--output-dir", os.path.join(work, "runs"),
-               "--run", run, "--scratch-dir", os.path.join(work, "scratch")]
+    command = trainer_command(os.path.join(work, "runs"), run, os.path.join(work, "scratch"), "--model", PRESET)
     start = time.time()
     subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     finished = time.time() - start
@@ -91,7 +91,7 @@ def _trainer(work: str, run: str) -> dict[str, Any]:
 
 def _keras_io() -> dict[str, Any]:
     """Run the keras.io recipe once; seconds from process start to its first test accuracy >= TARGET."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = reference_env()  # as published: TensorFlow's default settings
     start = time.time()
     result = subprocess.run([sys.executable, "-c", _KERAS_IO, str(TARGET)], cwd=ROOT, env=env, check=True,
                             capture_output=True, text=True)

@@ -1,0 +1,23 @@
+"""What the benchmark suites share: the repository root, a trainer command line, a reference's environment."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def trainer_command(output_dir: str, run: str, scratch: str, *flags: str) -> list[str]:
+    """`python -m trainer train` for one run folder, with its scratch folder and extra flags."""
+    return [sys.executable, "-m", "trainer", "train", *flags, "--output-dir", output_dir, "--run", run,
+            "--scratch-dir", scratch]
+
+
+def reference_env(onednn: bool | None = None) -> dict[str, str]:
+    """The environment of a reference program; onednn None leaves oneDNN to TensorFlow's own default."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if onednn is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = "1" if onednn else "0"
+    return env

@@ -247,28 +247,30 @@ def train_index_fn(
         if context.num_input_pipelines > 1:
             base = base.shard(context.num_input_pipelines, context.input_pipeline_id)
         shard_size = num_examples // context.num_input_pipelines
+        count = per_epoch * per_worker  # examples of the shard used per epoch
 
         def one_epoch(epoch: int) -> tf.data.Dataset:
             epoch_seed = seed * 100_003 + epoch
-            ds = base.shuffle(shard_size, seed=epoch_seed, reshuffle_each_iteration=False)
-            ds = ds.take(per_epoch * per_worker)
-            if augment:
-                noise = tf.data.Dataset.random(seed=epoch_seed).batch(2)
-                return tf.data.Dataset.zip((ds, noise)).map(_with_offsets, num_parallel_calls=tf.data.AUTOTUNE)
-            return ds.map(lambda index: {"indices": index})
+
+            def batches(order: tf.Tensor) -> tf.data.Dataset:
+                # The epoch's whole order arrives as one tensor and is sliced into batches:
+                # per-element pipeline work takes CPU time from the training step on small machines.
+                sliced = {"indices": tf.reshape(order, [-1, per_replica])}
+                if augment:
+                    sliced["offsets"] = tf.random.stateless_uniform(
+                        [count // per_replica, per_replica, 2], seed=[epoch_seed, context.input_pipeline_id],
+                        maxval=2 * AUGMENT_SHIFT + 1, dtype=tf.int32)
+                return tf.data.Dataset.from_tensor_slices(sliced)
+
+            order = base.shuffle(shard_size, seed=epoch_seed, reshuffle_each_iteration=False).take(count)
+            return order.batch(count).flat_map(batches)
 
         start_epoch, offset = divmod(start_step, per_epoch)
         ds = functools.reduce(tf.data.Dataset.concatenate, [one_epoch(e) for e in range(start_epoch, epochs)])
-        ds = ds.skip(offset * per_worker)
-        ds = ds.batch(per_replica, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        ds = ds.skip(offset * per_worker // per_replica).prefetch(tf.data.AUTOTUNE)
         return ds.with_options(_options())
 
     return dataset_fn
-
-
-def _with_offsets(index: tf.Tensor, seed: tf.Tensor) -> dict[str, tf.Tensor]:
-    offsets = tf.random.stateless_uniform([2], seed=seed, minval=0, maxval=2 * AUGMENT_SHIFT + 1, dtype=tf.int32)
-    return {"indices": index, "offsets": offsets}
 
 
 def resident_split(strategy: tf.distribute.Strategy, split: Split) -> tf.distribute.DistributedValues:

@@ -40,11 +40,17 @@ def mlp300() -> keras.Model:
     return _dense_stack("mlp300", (300,))
 
 
+def _pooled_relu(x: keras.KerasTensor, block: int) -> keras.KerasTensor:
+    # max-pool(ReLU(x)) == ReLU(max-pool(x)) with the same gradients (ReLU is monotone), and the
+    # ReLU and its gradient then touch a quarter of the values: same model, cheaper step.
+    x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    return layers.Activation("relu", name=f"conv{block}_relu")(x)
+
+
 def cnn() -> keras.Model:
-    """Conv2D(32, 3x3) -> MaxPool 2x2 -> Dense 128 -> Dense 10: 693,962 parameters."""
+    """Conv2D(32, 3x3) -> ReLU, MaxPool 2x2 -> Dense 128 -> Dense 10: 693,962 parameters."""
     images, x = _inputs()
-    x = layers.Conv2D(32, 3, activation="relu", name="conv1")(x)
-    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = _pooled_relu(layers.Conv2D(32, 3, name="conv1")(x), 1)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="hidden1")(x)
     logits = _logits(x)
@@ -52,11 +58,10 @@ def cnn() -> keras.Model:
 
 
 def _conv_bn_block(x: keras.KerasTensor, block: int, filters: int, size: int, padding: str) -> keras.KerasTensor:
-    """Conv (no bias: batch norm re-centres) -> batch norm -> ReLU -> 2x2 max-pool, named conv{block}..."""
+    """Conv (no bias: batch norm re-centres) -> batch norm -> ReLU, 2x2 max-pool, named conv{block}..."""
     x = layers.Conv2D(filters, size, padding=padding, use_bias=False, name=f"conv{block}")(x)
     x = layers.BatchNormalization(name=f"conv{block}_bn")(x)
-    x = layers.Activation("relu", name=f"conv{block}_relu")(x)
-    return layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    return _pooled_relu(x, block)
 
 
 def convnet_bn() -> keras.Model:
@@ -78,8 +83,7 @@ def lenet_bn() -> keras.Model:
     Few FLOPs per image (2.2 M forward) and quick to converge: our fastest preset to 99% on MNIST.
     Batch norm only where activations are small (8x8x32): on the 24x24x16 maps it costs more than it gives."""
     images, x = _inputs()
-    x = layers.Conv2D(16, 5, activation="relu", name="conv1")(x)
-    x = layers.MaxPooling2D(2, name="pool1")(x)
+    x = _pooled_relu(layers.Conv2D(16, 5, name="conv1")(x), 1)
     x = _conv_bn_block(x, 2, 32, 5, "valid")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="hidden1")(x)

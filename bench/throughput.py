@@ -23,7 +23,7 @@ from common import ROOT, reference_env, trainer_command
 BATCH = 64
 WARMUP_STEPS = 30
 TIMED_STEPS = 300
-ROUNDS = 3
+ROUNDS = 5
 
 _REFERENCE = r'''
 import json, sys, time

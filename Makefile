@@ -32,8 +32,9 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: setup.py $(VENV)/bin/python
+$(VENV)/.installed: setup.py docker/requirements-no-deps.txt $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
 	touch $@
 
 # Fashion-MNIST's offline copy comes from Debian's dataset-fashion-mnist (needs root, as in CI).

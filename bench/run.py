@@ -29,7 +29,7 @@ def _table(results: dict) -> list[tuple[str, str]]:
         t = results["throughput"]
         e = t["examples_per_sec"]
         rows += [
-            ("trainer examples/sec (cnn, batch 64)", f"{e['trainer']:.0f}"),
+            (f"trainer examples/sec (cnn, batch {throughput.BATCH})", f"{e['trainer']:.0f}"),
             ("  vs tutorial loop", f"{t['trainer_over_tutorial_loop']:.2f} x ({e['tutorial_loop']:.0f}/s)"),
             ("  vs Keras fit", f"{t['trainer_over_keras_fit']:.2f} x ({e['keras_fit']:.0f}/s)"),
             ("  vs Keras fit with oneDNN on", f"{t['trainer_over_keras_fit_onednn']:.2f} x "
@@ -44,7 +44,7 @@ def _table(results: dict) -> list[tuple[str, str]]:
         ours, theirs = a["trainer"]["seconds_to_target"], a["keras_io_recipe"]["seconds_to_target"]
         rows += [
             (f"seconds to {a['target']:.1%} test accuracy, trainer",
-             f"{ours} s (lenet_bn, median of 3, from process start)"),
+             f"{ours} s ({time_to_accuracy.PRESET}, median of {time_to_accuracy.TRAINER_RUNS}, from process start)"),
             ("  keras.io convnet recipe (fit)", f"{theirs} s ({a['speedup']} x slower)"),
         ]
     if "storage_overhead" in results:

@@ -10,6 +10,9 @@ TF_ENV_DEFAULTS = {
     # Elsewhere (e.g. AMD EPYC) the Eigen fallbacks make a training step ~1.5x slower (make bench).
     # GPU kernels are not affected.
     "TF_ENABLE_ONEDNN_OPTS": "1",
+    # By default TensorFlow rebuilds (JIT-compiles) the oneDNN conv filter-gradient primitive at every
+    # step to save its scratch memory; caching it about halves that kernel's time (a cnn step: ~5% faster).
+    "TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE": "false",
 }
 
 

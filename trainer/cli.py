@@ -11,7 +11,7 @@ import tempfile
 from typing import Any, NoReturn, Sequence
 
 from trainer import config as config_lib
-from trainer.config import EXIT_INTERRUPTED, EXIT_STORE, EXIT_USAGE, ConfigError
+from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_STORE, EXIT_USAGE, ConfigError
 from trainer.storage import LocalStore, RunFolder, Store, StoreUnavailable, fetch, open_store
 
 FLAG_HELP = {
@@ -36,6 +36,8 @@ FLAG_HELP = {
     "cpu_replicas": "0: all GPUs (or the CPU); N: N logical CPU devices",
     "precision": "float32, or mixed_float16 (float16 compute on GPUs with dynamic loss scaling)",
     "jit_compile": "XLA-compile the forward and backward pass (faster on GPUs, slower on CPUs)",
+    "peer_timeout": "multi-worker: seconds without heartbeats after which a peer is lost (exit 69)",
+    "startup_timeout": "multi-worker: seconds to wait at start for every peer to join (then exit 69)",
     "scratch_dir": "fast local folder for the run while it trains ('' = system temp dir)",
     "ship_every": "seconds between background uploads to the output dir",
     "grace_seconds": "after SIGTERM: save, upload and exit within this many seconds",
@@ -128,14 +130,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train, print a one-line summary."""
     fields = {k: v for k, v in vars(args).items() if k in config_lib.FIELD_SECTION}
     config = config_lib.build_config(fields)
-    from trainer.distribute import make_strategy  # TensorFlow starts here, after validation
+    from trainer.distribute import PeerLost, make_strategy  # TensorFlow starts here, after validation
     from trainer.train import Interrupted, train_and_evaluate
 
-    strategy = make_strategy(config.runtime)  # before any other TF op: may split the CPU
     try:
+        strategy = make_strategy(config.runtime)  # before any other TF op: may split the CPU
         metrics = train_and_evaluate(config, strategy, log=lambda m: print(m, file=sys.stderr))
     except Interrupted as stop:
         fail(str(stop), EXIT_INTERRUPTED)
+    except PeerLost as lost:
+        # Not sys.exit: TensorFlow's teardown would wait at the coordination service's shutdown barrier
+        # for the peer that is gone.
+        print(f"error: {lost}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(EXIT_PEER_LOST)
     folder = f"{config.run.output_dir.rstrip('/')}/{config.run.run}"
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "
           f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  run folder: {folder}")

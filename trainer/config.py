@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 from typing import Any
 
 DATASETS = ("mnist", "fashion_mnist")
@@ -17,7 +18,9 @@ PRECISIONS = ("float32", "mixed_float16")
 # Exit codes (documented in README): 2 = bad usage/config/input, never retried;
 # 75 (EX_TEMPFAIL) = stopped by SIGTERM after saving a checkpoint, safe to retry.
 # 74 (EX_IOERR) = the store stayed unreachable; results are kept in local scratch.
+# 69 (EX_UNAVAILABLE) = a peer of a multi-worker group was lost (or never joined): restart the group.
 EXIT_USAGE = 2
+EXIT_PEER_LOST = 69
 EXIT_STORE = 74
 EXIT_INTERRUPTED = 75
 
@@ -81,6 +84,10 @@ class RuntimeConfig:
     cpu_replicas: int = 0
     precision: str = "float32"  # or a Keras mixed-precision policy (float16 gets dynamic loss scaling)
     jit_compile: bool = False  # XLA-compile the forward and backward pass (helps on GPUs, not on CPUs)
+    # Multi-worker only: a peer silent for peer_timeout seconds (coordination-service heartbeats) is lost;
+    # at start every worker waits up to startup_timeout seconds for all of its peers to join.
+    peer_timeout: float = 30.0
+    startup_timeout: float = 600.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,9 +144,10 @@ RESUME_KEYS = (
 
 
 def default_run_name(model: str, dataset: str) -> str:
-    """A fresh, sortable run name such as cnn-mnist-20261122-190312."""
+    """A fresh, sortable run name such as convnet-bn-fashion-mnist-20261122-190312; also a valid
+    Kubernetes object name (lowercase letters, digits and '-'), so the launcher can name the job after it."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{model}-{dataset}-{stamp}"
+    return re.sub(r"[^a-z0-9-]+", "-", f"{model}-{dataset}-{stamp}".lower())
 
 
 def build_config(overrides: dict[str, Any]) -> Config:
@@ -185,7 +193,7 @@ def validate(config: Config) -> None:
     _choice("lr_scaling", c["lr_scaling"], LR_SCALINGS)
     _choice("precision", c["precision"], PRECISIONS)
     for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop", "ship_every", "grace_seconds",
-                "store_timeout"):
+                "store_timeout", "peer_timeout", "startup_timeout"):
         if c[key] <= 0:
             raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
     if c["warmup_epochs"] < 0 or c["warmup_epochs"] > c["epochs"]:

@@ -7,19 +7,26 @@ and the pod's JOB_COMPLETION_INDEX (set by Kubernetes for Indexed Jobs).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import tensorflow as tf
+from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+from tensorflow.python.eager import context as tf_context
 
 from trainer.config import ConfigError, RuntimeConfig
 
 WORKERS_ENV = "TRAINER_WORKERS"
 INDEX_ENV = "JOB_COMPLETION_INDEX"
 _ADDRESS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[0-9]{1,5}$")
+
+
+class PeerLost(Exception):
+    """A worker of the group died, froze or never joined; the group must be restarted as a whole."""
 
 
 def tf_config(workers: list[str], index: int) -> dict[str, Any]:
@@ -57,6 +64,79 @@ def configure_cluster(environ: Mapping[str, str] = os.environ) -> dict[str, Any]
     return config
 
 
+def _configure_coordination(runtime: RuntimeConfig, workers: int) -> None:
+    """Bound TensorFlow's coordination service before the strategy starts it: its heartbeats find a
+    dead or frozen peer (no TCP reset needed) and abort every pending collective on the survivors."""
+    # MultiWorkerMirroredStrategy keeps a coordination service configured before it, with these limits.
+    tf_context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader="/job:worker/replica:0/task:0",
+        coordinated_jobs=[coordination_config_pb2.CoordinatedJob(name="worker", num_tasks=workers)],
+        heartbeat_timeout_in_ms=int(runtime.peer_timeout * 1000),
+        cluster_register_timeout_in_ms=int(runtime.startup_timeout * 1000),
+        shutdown_barrier_timeout_in_ms=int(runtime.startup_timeout * 1000),
+    )
+    # Registration as a barrier: the registration timeout then also ends worker 0's wait for missing peers.
+    tf_context.context().coordination_service.cluster_register_with_barrier = True
+
+
+# Where TensorFlow's errors name the peer they lost, most specific first.
+_UNHEALTHY = re.compile(r"unhealthy[^\n]*\n\s*/job:worker/replica:\d+/task:(\d+)")
+_REMOTE = re.compile(r"remote target /job:worker/replica:\d+/task:(\d+)")
+_REPORTER = re.compile(r"reported from /job:worker/(?:replica:\d+/)?task:(\d+)")
+_TO_LEADER = "CoordinationService/Heartbeat"
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                tf.errors.AbortedError, tf.errors.InternalError)
+
+
+def lost_peer(message: str, cluster: Mapping[str, Any]) -> str:
+    """'worker N (host:port)' for the peer a TensorFlow error message says was lost, or 'a peer'."""
+    me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
+    for pattern in (_UNHEALTHY, _REMOTE, _REPORTER):
+        found = [int(i) for i in pattern.findall(message) if int(i) != me and int(i) < len(workers)]
+        if found:
+            return f"worker {found[0]} ({workers[found[0]]})"
+    if _TO_LEADER in message and me != 0:  # our heartbeats to the service on worker 0 went unanswered
+        return f"worker 0 ({workers[0]})"
+    return "a peer"
+
+
+def cluster_of(strategy: tf.distribute.Strategy) -> dict[str, Any] | None:
+    """The TF_CONFIG-shaped cluster of a multi-worker strategy; None on a single node."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    resolver = strategy.cluster_resolver
+    return {"cluster": {"worker": resolver.cluster_spec().as_dict()["worker"]},
+            "task": {"type": resolver.task_type, "index": resolver.task_id}}
+
+
+@contextlib.contextmanager
+def peer_failures(cluster: Mapping[str, Any] | None, what: str = "",
+                  on_lost: Callable[[], object] | None = None) -> Iterator[None]:
+    """Turn the errors TensorFlow raises when the coordination service or a collective loses a peer
+    into one PeerLost naming it (after calling `on_lost`); a no-op on a single node."""
+    if cluster is None:
+        yield
+        return
+    try:
+        yield
+    except _PEER_ERRORS as error:
+        if on_lost is not None:
+            on_lost()
+        me = cluster["task"]["index"]
+        raise PeerLost(what or f"worker {me}: lost {lost_peer(str(error), cluster)}; "
+                       "the group must restart (from the last checkpoint)") from error
+
+
+def same_on_all_workers(strategy: tf.distribute.Strategy, value: int) -> bool:
+    """True if every worker holds the same `value` (one decision, taken identically everywhere)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return True
+    local = tf.constant([float(value), float(value) ** 2, 1.0], tf.float64)
+    total, squares, workers = (float(x) for x in _all_sum(strategy, local).numpy())
+    return workers * squares == total * total  # equality in Cauchy-Schwarz: all values equal
+
+
 def split_cpu(replicas: int) -> None:
     """Split the physical CPU into `replicas` logical devices (before TensorFlow initialises them)."""
     cpu = tf.config.list_physical_devices("CPU")[0]
@@ -73,11 +153,16 @@ def split_cpu(replicas: int) -> None:
 
 def make_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy in a cluster; else MirroredStrategy over all GPUs, the CPU, or N logical CPUs."""
-    if configure_cluster() is not None:
+    cluster = configure_cluster()
+    if cluster is not None:
         if runtime.cpu_replicas > 1:
             raise ConfigError("--cpu-replicas cannot be combined with a multi-worker cluster")
-        # Collectives pick NCCL on GPUs and gRPC rings on CPUs by themselves.
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        _configure_coordination(runtime, len(cluster["cluster"]["worker"]))
+        missing = (f"worker {cluster['task']['index']}: not every worker joined within --startup-timeout "
+                   f"{runtime.startup_timeout:g} s; the group must restart")
+        with peer_failures(cluster, missing):
+            # Collectives pick NCCL on GPUs and gRPC rings on CPUs by themselves.
+            return tf.distribute.MultiWorkerMirroredStrategy()
     if runtime.cpu_replicas:
         split_cpu(runtime.cpu_replicas)
         return _mirrored(tuple(d.name for d in tf.config.list_logical_devices("CPU")[: runtime.cpu_replicas]))

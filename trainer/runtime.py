@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 
 TF_ENV_DEFAULTS = {
-    "TF_CPP_MIN_LOG_LEVEL": "2",  # keep TensorFlow's C++ start-up chatter out of the logs
+    # Keep TensorFlow's C++ chatter out of the logs, errors included: each error that matters comes back as
+    # a Python exception we report in one line, and a lost peer makes every survivor log its abort twice.
+    "TF_CPP_MIN_LOG_LEVEL": "3",
     # TensorFlow turns its oneDNN CPU kernels on by itself only on CPUs with AVX-512 VNNI/BF16 or AMX.
     # Elsewhere (e.g. AMD EPYC) the Eigen fallbacks make a training step ~1.5x slower (make bench).
     # GPU kernels are not affected.

@@ -19,7 +19,8 @@ from tqdm import tqdm
 from trainer import data as data_lib
 from trainer.checkpoints import Checkpoints, StopSignal
 from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts
-from trainer.distribute import any_worker, describe, is_chief, make_strategy
+from trainer.distribute import (PeerLost, any_worker, cluster_of, describe, is_chief, make_strategy, peer_failures,
+                                same_on_all_workers)
 from trainer.evaluate import make_evaluator
 from trainer.export import export_model
 from trainer.models import build_model
@@ -73,55 +74,62 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
             return finished
 
         strategy = strategy or make_strategy(config.runtime)
-        if global_batch % strategy.num_replicas_in_sync:
-            raise ConfigError(f"global --batch-size {global_batch} is not divisible by "
-                              f"{strategy.num_replicas_in_sync} replicas")
-        keras.utils.set_random_seed(config.run.seed)
-        with strategy.scope():
-            model = build_model(config.model.model, config.runtime.precision)
-            optimizer = build_optimizer(config.optimizer, per_epoch, total_steps,
-                                        loss_scaling=config.runtime.precision == "mixed_float16")
-            optimizer.build(model.trainable_variables)
-        checkpoints = Checkpoints(local.checkpoints, model, optimizer)
-        try:
-            start_step = checkpoints.restore()
-        except AssertionError as error:
-            raise ConfigError(f"checkpoint of {store.url} does not fit model {config.model.model}") from error
-        if start_step > total_steps:
-            raise ConfigError(f"run {store.url} already trained {start_step} steps, more than "
-                              f"{config.run.epochs} epochs ({total_steps} steps)")
-        local.write_json("config.json", config.to_dict())
-        if start_step:
-            log(f"resuming {store.url} from step {start_step} of {total_steps}")
+        cluster = cluster_of(strategy)
+        # A lost peer anywhere below (collectives, the coordination service) ends this worker, not the group's run.
+        with peer_failures(cluster):
+            if global_batch % strategy.num_replicas_in_sync:
+                raise ConfigError(f"global --batch-size {global_batch} is not divisible by "
+                                  f"{strategy.num_replicas_in_sync} replicas")
+            keras.utils.set_random_seed(config.run.seed)
+            with strategy.scope():
+                model = build_model(config.model.model, config.runtime.precision)
+                optimizer = build_optimizer(config.optimizer, per_epoch, total_steps,
+                                            loss_scaling=config.runtime.precision == "mixed_float16")
+                optimizer.build(model.trainable_variables)
+            checkpoints = Checkpoints(local.checkpoints, model, optimizer)
+            try:
+                start_step = checkpoints.restore()
+            except AssertionError as error:
+                raise ConfigError(f"checkpoint of {store.url} does not fit model {config.model.model}") from error
+            if not same_on_all_workers(strategy, start_step):
+                raise PeerLost(f"the workers restored different checkpoints of {store.url} (worker 0's shipping was "
+                               "still under way?); the group must restart")
+            if start_step > total_steps:
+                raise ConfigError(f"run {store.url} already trained {start_step} steps, more than "
+                                  f"{config.run.epochs} epochs ({total_steps} steps)")
+            local.write_json("config.json", config.to_dict())
+            if start_step:
+                log(f"resuming {store.url} from step {start_step} of {total_steps}")
 
-        # Every worker trains and saves; only the chief's folder is shipped to the store.
-        chief = is_chief(strategy)
-        shipper = Shipper(local, store, config.run.ship_every, shipped, log) if chief else None
-        with shipper or contextlib.nullcontext():
-            loop = _Loop(config, strategy, model, optimizer, checkpoints, shipper, stop, local)
-            evaluate = make_evaluator(strategy, model, test)
-            chunk_times, last_eval = loop.run(train, evaluate, start_step, per_epoch, total_steps)
-            final = last_eval or evaluate()
-            export_model(model, local.model)
-            metrics = {
-                **final,
-                "steps": total_steps,
-                "epochs": config.run.epochs,
-                "replicas": strategy.num_replicas_in_sync,
-                "strategy": describe(strategy),
-                "global_batch_size": global_batch,
-                "examples_per_sec": _throughput(chunk_times),
-                "wall_seconds": round(time.time() - started, 1),
-                "resumed_from_step": start_step,
-                "model": config.model.model,
-                "parameters": model.count_params(),
-                "dataset": config.data.dataset,
-                "data_source": train.source,
-            }
-            local.write_json("metrics.json", metrics)
-            if shipper and not shipper.flush(config.run.store_timeout):
-                raise StoreUnavailable(f"could not ship the run to {store.url} ({shipper.last_error}); "
-                                       f"everything is kept in {local.root}")
+            # Every worker trains and saves; only the chief's folder is shipped to the store.
+            chief = is_chief(strategy)
+            shipper = Shipper(local, store, config.run.ship_every, shipped, log) if chief else None
+            keep_saved = (lambda: shipper.flush(config.run.grace_seconds)) if shipper else None
+            with shipper or contextlib.nullcontext(), peer_failures(cluster, on_lost=keep_saved):
+                loop = _Loop(config, strategy, model, optimizer, checkpoints, shipper, stop, local)
+                evaluate = make_evaluator(strategy, model, test)
+                chunk_times, last_eval = loop.run(train, evaluate, start_step, per_epoch, total_steps)
+                final = last_eval or evaluate()
+                export_model(model, local.model)
+                metrics = {
+                    **final,
+                    "steps": total_steps,
+                    "epochs": config.run.epochs,
+                    "replicas": strategy.num_replicas_in_sync,
+                    "strategy": describe(strategy),
+                    "global_batch_size": global_batch,
+                    "examples_per_sec": _throughput(chunk_times),
+                    "wall_seconds": round(time.time() - started, 1),
+                    "resumed_from_step": start_step,
+                    "model": config.model.model,
+                    "parameters": model.count_params(),
+                    "dataset": config.data.dataset,
+                    "data_source": train.source,
+                }
+                local.write_json("metrics.json", metrics)
+                if shipper and not shipper.flush(config.run.store_timeout):
+                    raise StoreUnavailable(f"could not ship the run to {store.url} ({shipper.last_error}); "
+                                           f"everything is kept in {local.root}")
     return metrics
 
 

@@ -1,5 +1,7 @@
 """A Kubernetes API stand-in on loopback: real HTTP, the JSON shapes the official client expects,
-objects kept in memory, every request recorded, and namespaces that refuse with 403 or a quota."""
+objects kept in memory, every request recorded. It serves the core, batch and apps APIs, and the JobSet
+and Kueue APIs unless told they are not installed (then their discovery and paths answer 404, as a real
+cluster without the CRDs does). Namespaces `forbidden` and `quota` refuse writes; `slow` never answers in time."""
 
 from __future__ import annotations
 
@@ -7,21 +9,28 @@ import http.server
 import json
 import re
 import threading
+import time
 import urllib.parse
 from typing import Any
 
-_PATH = re.compile(r"^/(?:api/v1|apis/(?:batch|apps)/v1)/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?(?:/(log))?$")
+_PATH = re.compile(r"^/(?:api/v1|apis/([a-z0-9.-]+)/([a-z0-9]+))/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?(?:/(log))?$")
+_DISCOVERY = re.compile(r"^/apis/([a-z0-9.-]+)/([a-z0-9]+)$")
 _KINDS = {"jobs": "Job", "services": "Service", "serviceaccounts": "ServiceAccount", "deployments": "Deployment",
-          "pods": "Pod"}
+          "pods": "Pod", "events": "Event", "jobsets": "JobSet", "localqueues": "LocalQueue"}
+ADDONS = {"jobset.x-k8s.io/v1alpha2": ["jobsets"], "kueue.x-k8s.io/v1beta1": ["localqueues", "clusterqueues"]}
+BUILTIN = {"batch/v1": ["jobs"], "apps/v1": ["deployments"]}
 
 
 class KubeAPI:
-    """Objects by (plural, namespace, name); `forbidden` and `quota` namespaces refuse writes."""
+    """Objects by (plural, namespace, name); add-on APIs in `installed`."""
 
-    def __init__(self) -> None:
+    def __init__(self, installed: tuple[str, ...] = tuple(ADDONS), hang: float = 5.0) -> None:
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.logs: dict[tuple[str, str], str] = {}
+        self.previous_logs: dict[tuple[str, str], str] = {}
         self.requests: list[tuple[str, str, Any]] = []
+        self.installed = set(installed)
+        self.hang = hang
         self._lock = threading.Lock()
         api = self
 
@@ -43,6 +52,8 @@ class KubeAPI:
                 url = urllib.parse.urlparse(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
+                if "/namespaces/slow/" in url.path:
+                    time.sleep(api.hang)  # longer than the client's request timeout
                 with api._lock:
                     api.requests.append((self.command, self.path, body))
                     status, reply = api.answer(self.command, url.path, urllib.parse.parse_qs(url.query), body)
@@ -59,14 +70,26 @@ class KubeAPI:
         return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
                       "message": message}
 
+    def _served(self, group: str | None, version: str | None) -> bool:
+        api = f"{group}/{version}"
+        return group is None or api in BUILTIN or api in self.installed
+
     def answer(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        discovery = _DISCOVERY.match(path)
+        if discovery and method == "GET":
+            api = "/".join(discovery.groups())
+            if not self._served(*discovery.groups()):
+                return self.status(404, "NotFound", "the server could not find the requested resource")
+            resources = [{"name": p, "singularName": "", "namespaced": True, "kind": _KINDS.get(p, p), "verbs": []}
+                         for p in (BUILTIN | ADDONS)[api]]
+            return 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": api, "resources": resources}
         match = _PATH.match(path)
-        if not match:
+        if not match or not self._served(match.group(1), match.group(2)):
             return self.status(404, "NotFound", f"the server could not find the requested resource {path}")
-        namespace, plural, name, log = match.groups()
+        _, _, namespace, plural, name, log = match.groups()
         if namespace == "forbidden":
             return self.status(403, "Forbidden", f'{plural} is forbidden: User "me" cannot {method} in "forbidden"')
-        if namespace == "quota" and method == "POST" and plural == "jobs":
+        if namespace == "quota" and method == "POST" and plural in ("jobs", "jobsets"):
             return self.status(403, "Forbidden", 'exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=8')
         key = (plural, namespace, name)
         if method == "POST":
@@ -74,14 +97,15 @@ class KubeAPI:
             if (plural, namespace, name) in self.objects:
                 return self.status(409, "AlreadyExists", f'{plural} "{name}" already exists')
             obj = {**body, "metadata": {**body["metadata"], "uid": f"uid-{len(self.objects)}",
-                                        "creationTimestamp": "2026-11-22T10:00:00Z"}}
+                                        "creationTimestamp": f"2026-11-22T10:00:{len(self.objects):02d}Z"}}
             obj.setdefault("status", {})
             self.objects[(plural, namespace, name)] = obj
             return 201, obj
         if method == "GET" and log:
             if ("pods", namespace, name) not in self.objects:
                 return self.status(404, "NotFound", f'pods "{name}" not found')
-            return 200, self.logs.get((namespace, name), "")
+            logs = self.previous_logs if query.get("previous") == ["true"] else self.logs
+            return 200, logs.get((namespace, name), "")
         if method == "GET" and name is None:
             selector = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
             items = [o for (p, ns, _), o in self.objects.items() if p == plural and ns == namespace
@@ -98,6 +122,12 @@ class KubeAPI:
             self.objects[key] = {**self.objects[key], **body}
             return 200, self.objects[key]
         return self.status(405, "MethodNotAllowed", method)
+
+    def put(self, plural: str, obj: dict[str, Any]) -> None:
+        """Store an object as a controller would have made it (pods, events, status)."""
+        meta = obj["metadata"]
+        with self._lock:
+            self.objects[(plural, meta.get("namespace", "default"), meta["name"])] = obj
 
     def kubeconfig(self) -> str:
         """A kubeconfig whose current context is this server."""

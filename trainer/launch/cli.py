@@ -1,23 +1,24 @@
-"""`python -m trainer.launch submit|status|logs|cancel|list|tensorboard`: training jobs on Kubernetes."""
+"""`python -m trainer.launch submit|status|wait|events|logs|cancel|list|tensorboard|render`: training jobs on
+Kubernetes."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import os
-import re
 import sys
+import time
 from typing import Sequence
 
 import yaml
 
 from trainer import cli as trainer_cli
 from trainer.config import FIELD_SECTION, ConfigError, build_config
-from trainer.launch.client import Cluster, LaunchError
-from trainer.launch.manifests import JobSpec, service_account, tensorboard_objects, training_objects
+from trainer.launch.client import (EXIT_RUN_FAILED, EXIT_WAIT_TIMEOUT, JOB_INDEX_ANNOTATION, REQUEST_TIMEOUT, Cluster,
+                                   LaunchError, event_time, pod_summary)
+from trainer.launch.manifests import (LAUNCHER_FLAGS, JobSpec, run_name_problem, service_account,
+                                      tensorboard_objects, training_objects)
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,48}[a-z0-9])?$")
-_SET_BY_LAUNCHER = ("--output-dir", "--run", "--scratch-dir", "--grace-seconds")
 
 class _Dumper(yaml.SafeDumper):
     def ignore_aliases(self, data: object) -> bool:
@@ -29,63 +30,119 @@ def to_yaml(objects: list[dict]) -> str:
     return yaml.dump_all(objects, Dumper=_Dumper, sort_keys=False)
 
 
+def _cluster_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--namespace, --context and --request-timeout, accepted before or after the subcommand."""
+    keep = {} if defaults else {"default": argparse.SUPPRESS}  # a subcommand's copy must not reset the top's
+    parser.add_argument("--namespace", "-n", **({"default": "default"} if defaults else keep),
+                        help="Kubernetes namespace (default: default)")
+    parser.add_argument("--context", **({"default": None} if defaults else keep),
+                        help="kube context (default: the current one)")
+    parser.add_argument("--request-timeout", type=float, **({"default": REQUEST_TIMEOUT} if defaults else keep),
+                        help=f"seconds each Kubernetes API call may take (default: {REQUEST_TIMEOUT:g})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's parser."""
     parser = trainer_cli.Parser(prog="python -m trainer.launch", description="Run trainer jobs on Kubernetes.")
-    parser.add_argument("--namespace", default="default")
-    parser.add_argument("--context", help="kube context (default: the current one)")
+    _cluster_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=trainer_cli.Parser)
 
-    submit = commands.add_parser("submit", help="submit a training job; prints the run name",
-                                 description="Trainer flags (--model, --epochs, ...) go after `--`.")
+    def command(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=description or text)
+        _cluster_options(sub, defaults=False)
+        return sub
+
+    submit = command("submit", "submit a training job; prints the run name",
+                     "Submit a training run: a Job on one node, a JobSet for --workers > 1. "
+                     "Trainer flags (--model, --epochs, ...) go after `--`.")
     submit.add_argument("--image", required=True, help="trainer image, e.g. REGISTRY/mnist-trainer:TAG")
     submit.add_argument("--output-dir", required=True, help="gs://BUCKET/PREFIX the run is written to")
     submit.add_argument("--run", help="run name (default: generated from model, dataset and time)")
     submit.add_argument("--gpus", type=int, default=1, help="GPUs per worker (MirroredStrategy over them)")
-    submit.add_argument("--workers", type=int, default=1, help="nodes; >1 = MultiWorkerMirroredStrategy")
+    submit.add_argument("--workers", type=int, default=1, help="nodes; >1 = a JobSet, MultiWorkerMirroredStrategy")
     submit.add_argument("--gpu-type", default="", help="GKE accelerator node label, e.g. nvidia-l4")
+    submit.add_argument("--queue", default="", help="Kueue LocalQueue: the job waits until the whole group fits")
+    submit.add_argument("--priority", default="", help="Kueue WorkloadPriorityClass of the job")
+    submit.add_argument("--max-runtime", type=int, default=0,
+                        help="seconds a run (for --workers > 1: each attempt of the group) may take; 0 = no limit")
+    submit.add_argument("--retries", type=int, default=JobSpec.retries,
+                        help="crashes retried before the run fails (preemption and lost peers are not counted)")
     submit.add_argument("--gcp-service-account", default="", help="Google service account for Workload Identity")
     submit.add_argument("--dry-run", action="store_true", help="print the YAML that would be sent; no cluster needed")
-    submit.add_argument("trainer_args", nargs=argparse.REMAINDER, help="-- then trainer flags")
 
-    for name, text in (("status", "show a run's Job and pods"), ("cancel", "delete a run's Job and pods")):
-        command = commands.add_parser(name, help=text)
-        command.add_argument("run")
-    logs = commands.add_parser("logs", help="print a run's logs")
+    for name, text in (("status", "show a run's state, restarts and each pod's last exit code"),
+                       ("cancel", "delete a run: its JobSet or Job, and their pods"),
+                       ("events", "recent Kubernetes events of a run's objects")):
+        command(name, text).add_argument("run")
+    wait = command("wait", "block until a run ends: exit 0 if it succeeded, 4 if it failed, 5 on --timeout")
+    wait.add_argument("run")
+    wait.add_argument("--timeout", type=float, default=0, help="seconds to wait; 0 = no limit")
+    wait.add_argument("--interval", type=float, default=10, help="seconds between checks")
+    logs = command("logs", "print a run's logs")
     logs.add_argument("run")
     logs.add_argument("--follow", "-f", action="store_true")
     logs.add_argument("--worker", type=int, default=0, help="worker index of a multi-worker run")
-    commands.add_parser("list", help="list runs in the namespace")
-    render = commands.add_parser("render", help="write the example manifests of k8s/ (no cluster needed)")
+    logs.add_argument("--previous", action="store_true", help="the previous attempt of that worker, if kept")
+    command("list", "list runs in the namespace")
+    render = command("render", "write the example manifests of k8s/ (no cluster needed)")
     render.add_argument("folder", nargs="?", default="k8s")
 
-    board = commands.add_parser("tensorboard", help="deploy one shared TensorBoard over all runs")
+    board = command("tensorboard", "deploy one shared TensorBoard over all runs")
     board.add_argument("--image", required=True)
     board.add_argument("--logdir", required=True, help="gs://BUCKET/PREFIX holding the runs")
     board.add_argument("--dry-run", action="store_true")
     return parser
 
+
+def parse(argv: Sequence[str]) -> argparse.Namespace:
+    """Launcher options before `--`, trainer flags after it; a trainer flag given too early gets a hint."""
+    argv = list(argv)
+    split = argv.index("--") if "--" in argv else len(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv[:split])
+    trainer_args = argv[split + 1:]
+    if unknown:
+        trainer_flags = {"--" + name.replace("_", "-") for name in FIELD_SECTION}
+        trainer_flags |= {"--no-" + flag[2:] for flag in trainer_flags}
+        early = [a for a in unknown if a.split("=")[0] in trainer_flags]
+        if args.command == "submit" and early:
+            trainer_cli.fail(f"{early[0].split('=')[0]} is a trainer flag: put trainer flags after `--`, "
+                             f"e.g. submit --image I --output-dir gs://B/P -- {' '.join(unknown)}")
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if trainer_args and args.command != "submit":
+        parser.error(f"unrecognized arguments: -- {' '.join(trainer_args)}")
+    args.trainer_args = trainer_args
+    return args
+
+
 def job_spec(args: argparse.Namespace) -> JobSpec:
-    """Validate the trainer flags without TensorFlow and turn the arguments into a JobSpec."""
-    trainer_args = [a for a in args.trainer_args if a != "--"] if args.trainer_args[:1] == ["--"] else args.trainer_args
-    for flag in trainer_args:
-        if flag.split("=")[0] in _SET_BY_LAUNCHER:
+    """Validate the launcher and trainer flags without TensorFlow and turn them into a JobSpec."""
+    for flag in args.trainer_args:
+        if flag.split("=")[0] in LAUNCHER_FLAGS:
             raise ConfigError(f"{flag.split('=')[0]} is set by the launcher; give it to `submit` instead")
-    parsed = trainer_cli.build_parser().parse_args(["train", *trainer_args])
+    if not args.output_dir.startswith("gs://") or len(args.output_dir) <= len("gs://"):
+        raise ConfigError(f"--output-dir {args.output_dir!r} is not a bucket: a pod's own disk is gone when the "
+                          "pod ends; give gs://BUCKET/PREFIX")
+    if args.gpus < 0 or args.workers < 1 or args.max_runtime < 0 or args.retries < 0:
+        raise ConfigError("--gpus, --max-runtime and --retries must be >= 0 and --workers >= 1")
+    parsed = trainer_cli.build_parser().parse_args(["train", *args.trainer_args])
     config = build_config({k: v for k, v in vars(parsed).items() if k in FIELD_SECTION and k != "run"}
                           | {"run": args.run, "output_dir": args.output_dir})
     run = config.run.run
-    if not _DNS_LABEL.match(run):
-        raise ConfigError(f"--run {run!r} must be a DNS label: lowercase letters, digits and '-', at most 50")
-    if args.gpus < 0 or args.workers < 1:
-        raise ConfigError("--gpus must be >= 0 and --workers >= 1")
+    problem = run_name_problem(run, args.workers)
+    if problem:
+        raise ConfigError(f"--run {run!r} {problem}")
     replicas = args.workers * max(args.gpus, 1)
     if config.run.batch_size % replicas:
         raise ConfigError(f"global --batch-size {config.run.batch_size} is not divisible by {replicas} replicas")
-    if args.workers > 1 and not args.output_dir.startswith("gs://"):
-        raise ConfigError("multi-worker runs need a shared --output-dir gs://BUCKET/PREFIX")
-    return JobSpec(run=run, image=args.image, output_dir=args.output_dir, trainer_args=tuple(trainer_args),
-                   gpus=args.gpus, workers=args.workers, gpu_type=args.gpu_type, namespace=args.namespace)
+    return JobSpec(run=run, image=args.image, output_dir=args.output_dir, trainer_args=tuple(args.trainer_args),
+                   gpus=args.gpus, workers=args.workers, gpu_type=args.gpu_type, namespace=args.namespace,
+                   queue=args.queue, priority=args.priority, max_runtime=args.max_runtime, retries=args.retries)
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    return Cluster(args.context, args.request_timeout)
+
 
 def cmd_submit(args: argparse.Namespace) -> int:
     spec = job_spec(args)
@@ -93,64 +150,109 @@ def cmd_submit(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(objects), end="")
         return 0
-    cluster = Cluster(args.context)
+    cluster = _cluster(args)
+    if spec.workers > 1:
+        cluster.require_jobset()
+    if spec.queue:
+        cluster.require_queue(spec.namespace, spec.queue)
     cluster.create(objects[0], exist_ok=True)
     for obj in objects[1:]:
         cluster.create(obj)
     print(spec.run)
     return 0
 
+
 def cmd_status(args: argparse.Namespace) -> int:
-    cluster = Cluster(args.context)
-    job = cluster.job(args.namespace, args.run)
-    status = job.status
-    conditions = [c.type for c in status.conditions or [] if c.status == "True"]
-    state = conditions[-1] if conditions else ("Running" if status.active else "Pending")
-    print(f"{args.run}: {state} (active {status.active or 0}, succeeded {status.succeeded or 0}, "
-          f"failed {status.failed or 0})")
-    for condition in status.conditions or []:
-        print(f"  {condition.type}={condition.status} {condition.reason or ''} {condition.message or ''}".rstrip())
+    cluster = _cluster(args)
+    state = cluster.state(args.namespace, args.run)
+    what = "group restarts" if state.kind == "JobSet" else "failed pods"
+    print(f"{args.run}: {state.state} ({state.kind}; {what} {state.restarts}, {state.counted} counted of "
+          f"{state.limit} allowed)")
+    if state.reason or state.message:
+        print(f"  {state.reason}: {state.message}".rstrip(": "))
     for pod in cluster.pods(args.namespace, args.run):
-        codes = [s.state.terminated.exit_code for s in pod.status.container_statuses or []
-                 if s.state and s.state.terminated]
-        exit_code = f" exit {codes[0]}" if codes else ""
-        print(f"  pod {pod.metadata.name}: {pod.status.phase}{exit_code}")
+        print(f"  {pod_summary(pod)}")
     return 0
 
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    deadline = time.monotonic() + args.timeout if args.timeout > 0 else None
+    while True:
+        state = cluster.state(args.namespace, args.run)
+        if state.finished:
+            detail = f" ({state.reason}: {state.message})" if state.reason or state.message else ""
+            print(f"{args.run}: {state.state}{detail}")
+            return 0 if state.state == "Succeeded" else EXIT_RUN_FAILED
+        if deadline is not None and time.monotonic() + args.interval > deadline:
+            time.sleep(max(0.0, deadline - time.monotonic()))
+            if cluster.state(args.namespace, args.run).finished:
+                continue
+            print(f"error: {args.run} is still {state.state} after {args.timeout:g} s", file=sys.stderr)
+            return EXIT_WAIT_TIMEOUT
+        time.sleep(args.interval)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    cluster = _cluster(args)
+    events = cluster.events(args.namespace, args.run)
+    if not events:
+        cluster.workload(args.namespace, args.run)  # a one-line "not found" if there is no such run
+        print(f"no events for {args.run} (Kubernetes keeps events for about an hour)")
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        count = f" (x{event['count']})" if (event.get("count") or 1) > 1 else ""
+        print(f"{event_time(event)}  {event.get('type') or '':7} {involved.get('kind', '')}/{involved.get('name', '')}"
+              f"  {event.get('reason') or ''}: {(event.get('message') or '').strip()}{count}")
+    return 0
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
-    cluster = Cluster(args.context)
+    cluster = _cluster(args)
     pods = [p for p in cluster.pods(args.namespace, args.run)
-            if (p.metadata.annotations or {}).get("batch.kubernetes.io/job-completion-index", "0") == str(args.worker)]
+            if (p["metadata"].get("annotations") or {}).get(JOB_INDEX_ANNOTATION, "0") == str(args.worker)]
     if not pods:
         raise LaunchError(f"not found: no pods of run {args.run} (worker {args.worker}) in {args.namespace}")
-    for chunk in cluster.logs(args.namespace, pods[-1].metadata.name, args.follow):
+    pod, previous = pods[-1], False
+    if args.previous:
+        restarted = any(c.get("restartCount") for c in (pod.get("status") or {}).get("containerStatuses") or [])
+        if restarted:
+            previous = True  # the same pod's previous container
+        elif len(pods) > 1:
+            pod = pods[-2]  # the previous pod of this worker (a Job's retry)
+        else:
+            raise LaunchError(f"no previous attempt of worker {args.worker} of {args.run} is kept (a group restart "
+                              f"deletes the old pods); see `events {args.run}`")
+    for chunk in cluster.logs(args.namespace, pod["metadata"]["name"], args.follow and not previous, previous):
         sys.stdout.write(chunk)
         sys.stdout.flush()
     return 0
 
+
 def cmd_cancel(args: argparse.Namespace) -> int:
-    Cluster(args.context).cancel(args.namespace, args.run)
-    print(f"cancelled {args.run}")
+    kind = _cluster(args).cancel(args.namespace, args.run)
+    print(f"cancelled {args.run} ({kind} and its pods)")
     return 0
 
+
 def cmd_list(args: argparse.Namespace) -> int:
-    for job in Cluster(args.context).jobs(args.namespace):
-        s = job.status
-        state = next((c.type for c in s.conditions or [] if c.status == "True"), "Running" if s.active else "Pending")
-        print(f"{job.metadata.name}\t{state}\t{job.metadata.creation_timestamp or ''}")
+    for name, state in _cluster(args).runs(args.namespace):
+        print(f"{name}\t{state.kind}\t{state.state}\trestarts {state.restarts}\t{state.created}")
     return 0
+
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
     objects = tensorboard_objects(args.image, args.logdir, args.namespace)
     if args.dry_run:
         print(to_yaml(objects), end="")
         return 0
-    cluster = Cluster(args.context)
+    cluster = _cluster(args)
     for obj in objects:
         cluster.replace(obj)
     name = objects[1]["metadata"]["name"]
     print(f"TensorBoard deployed; open it with: kubectl -n {args.namespace} port-forward svc/{name} 6006:80")
     return 0
+
 
 # The placeholders users replace (or that `make submit` fills in) in the example manifests of k8s/.
 EXAMPLE = dict(image="REGION-docker.pkg.dev/PROJECT/mnist/mnist-trainer:TAG", output_dir="gs://BUCKET/runs",
@@ -165,7 +267,7 @@ def render_examples(folder: str) -> list[str]:
     files = {
         "serviceaccount.yaml": [service_account("default", EXAMPLE["gcp_service_account"])],
         "job-single-node.yaml": training_objects(single),
-        "job-multi-worker.yaml": training_objects(multi),
+        "jobset-multi-worker.yaml": training_objects(multi),
         "tensorboard.yaml": tensorboard_objects(EXAMPLE["image"], EXAMPLE["output_dir"]),
     }
     os.makedirs(folder, exist_ok=True)
@@ -182,12 +284,14 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"render": cmd_render, "submit": cmd_submit, "status": cmd_status, "logs": cmd_logs, "cancel": cmd_cancel,
-            "list": cmd_list, "tensorboard": cmd_tensorboard}
+COMMANDS = {"render": cmd_render, "submit": cmd_submit, "status": cmd_status, "wait": cmd_wait,
+            "events": cmd_events, "logs": cmd_logs, "cancel": cmd_cancel, "list": cmd_list,
+            "tensorboard": cmd_tensorboard}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m trainer.launch`."""
-    args = build_parser().parse_args(argv)
+    args = parse(sys.argv[1:] if argv is None else argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as error:

@@ -1,14 +1,16 @@
 """Typed builders for every object the launcher creates; the single source of the manifests in k8s/.
 
-Only plain dicts come out, ready for the kubernetes client or `kubectl apply`.
+Only plain dicts come out, ready for the kubernetes client or `kubectl apply`. One node is a batch/v1 Job;
+several are a JobSet (kubernetes-sigs/jobset), which restarts its worker group as one unit.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
-from trainer.config import EXIT_INTERRUPTED, EXIT_USAGE
+from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_USAGE
 
 APP = "mnist-trainer"
 RUN_LABEL = "mnist-trainer/run"
@@ -17,6 +19,16 @@ WORKER_PORT = 2222
 TENSORBOARD_PORT = 6006
 SCRATCH = "/scratch"
 GPU = "nvidia.com/gpu"
+JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
+JOBSET_RELEASE = "v0.10.0"  # the oldest JobSet release with every field used here (onJobFailureMessagePatterns)
+REPLICATED_JOB = "worker"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+# Trainer flags the builders set themselves; `submit` refuses them among the user's trainer flags.
+LAUNCHER_FLAGS = ("--output-dir", "--run", "--scratch-dir", "--grace-seconds")
+MAX_NAME = 63  # Kubernetes label values, Job names and pod hostnames (DNS-1035 labels)
+_DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_POD_SUFFIX = "-abcde"  # the random suffix Kubernetes appends to a Job's pod names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,16 +44,47 @@ class JobSpec:
     gpu_type: str = ""  # GKE accelerator, e.g. nvidia-l4; "" = any GPU node
     namespace: str = "default"
     service_account: str = APP
+    queue: str = ""  # Kueue LocalQueue; "" = not queued
+    priority: str = ""  # Kueue WorkloadPriorityClass
+    max_runtime: int = 0  # seconds (activeDeadlineSeconds); 0 = no limit
     cpu: str = "4"
     memory: str = "16Gi"
     shm: str = "2Gi"
     grace_seconds: int = 30
-    backoff_limit: int = 4
+    retries: int = 4  # counted retries: the Job's backoffLimit, the JobSet's maxRestarts
     ttl_seconds: int = 7 * 24 * 3600
+
+
+def longest_name(run: str, workers: int) -> str:
+    """The longest name Kubernetes derives from a run: its JobSet's last pod, or its Job's pod."""
+    if workers > 1:  # JobSet: Job <run>-worker-0, pods <job>-<index>-<suffix>, hostnames <job>-<index>
+        return f"{run}-{REPLICATED_JOB}-0-{workers - 1}{_POD_SUFFIX}"
+    return run
+
+
+def run_name_problem(run: str, workers: int) -> str | None:
+    """Why `run` cannot name a job of `workers` workers, or None if it can."""
+    if not _DNS_1035.match(run):
+        return "must start with a lowercase letter and hold only lowercase letters, digits and '-'"
+    room = MAX_NAME - (len(longest_name(run, workers)) - len(run))
+    if len(run) > room:
+        return f"is {len(run)} characters; at most {room} fit the names Kubernetes derives from it"
+    return None
+
+
+def worker_hosts(spec: JobSpec) -> list[str]:
+    """host:port of every worker: the pod hostnames under the JobSet's headless Service (its subdomain)."""
+    job = f"{spec.run}-{REPLICATED_JOB}-0"
+    return [f"{job}-{i}.{spec.run}:{WORKER_PORT}" for i in range(spec.workers)]
 
 
 def _labels(run: str, component: str) -> dict[str, str]:
     return {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": component, RUN_LABEL: run}
+
+
+def _queue_labels(spec: JobSpec) -> dict[str, str]:
+    labels = {KUEUE_QUEUE_LABEL: spec.queue} if spec.queue else {}
+    return labels | ({KUEUE_PRIORITY_LABEL: spec.priority} if spec.priority else {})
 
 
 def _metadata(name: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
@@ -49,8 +92,8 @@ def _metadata(name: str, namespace: str, labels: dict[str, str]) -> dict[str, An
 
 
 def _trainer_container(spec: JobSpec) -> dict[str, Any]:
-    args = ["train", "--output-dir", spec.output_dir, "--run", spec.run, "--scratch-dir", SCRATCH,
-            "--grace-seconds", str(max(1, spec.grace_seconds - 5)), *spec.trainer_args]
+    own = dict(zip(LAUNCHER_FLAGS, (spec.output_dir, spec.run, SCRATCH, str(max(1, spec.grace_seconds - 5)))))
+    args = ["train", *(part for flag, value in own.items() for part in (flag, value)), *spec.trainer_args]
     resources: dict[str, Any] = {"requests": {"cpu": spec.cpu, "memory": spec.memory},
                                  "limits": {"memory": spec.memory}}
     if spec.gpus:
@@ -63,16 +106,15 @@ def _trainer_container(spec: JobSpec) -> dict[str, Any]:
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}],
     }
     if spec.workers > 1:
-        service = spec.run
-        hosts = ",".join(f"{spec.run}-{i}.{service}:{WORKER_PORT}" for i in range(spec.workers))
-        container["env"] = [{"name": "TRAINER_WORKERS", "value": hosts}]
+        # The trainer builds TF_CONFIG from these and the Indexed Job's JOB_COMPLETION_INDEX.
+        container["env"] = [{"name": "TRAINER_WORKERS", "value": ",".join(worker_hosts(spec))}]
         container["ports"] = [{"name": "collective", "containerPort": WORKER_PORT}]
     return container
 
 
 def _pod_spec(spec: JobSpec) -> dict[str, Any]:
     pod: dict[str, Any] = {
-        "restartPolicy": "Never",  # retries are the Job's, under its podFailurePolicy
+        "restartPolicy": "Never",  # retries are the Job's (or the JobSet's), under the failure policies
         "serviceAccountName": spec.service_account,
         "terminationGracePeriodSeconds": spec.grace_seconds,
         "containers": [_trainer_container(spec)],
@@ -85,53 +127,94 @@ def _pod_spec(spec: JobSpec) -> dict[str, Any]:
         pod["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
         if spec.gpu_type:
             pod["nodeSelector"] = {"cloud.google.com/gke-accelerator": spec.gpu_type}
-    if spec.workers > 1:
-        pod["subdomain"] = spec.run  # <run>-<index>.<run> resolves through the headless Service
     return pod
 
 
+def _exit_codes(action: str, *codes: int) -> dict[str, Any]:
+    return {"action": action, "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(codes)}}
+
+
+_DISRUPTED = {"onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}  # preemption, eviction, drain
+
+
 def training_job(spec: JobSpec) -> dict[str, Any]:
-    """The Job: one pod (MirroredStrategy over its GPUs), or an Indexed Job of `workers` pods."""
+    """The single-node Job: one pod, MirroredStrategy over its GPUs."""
     labels = _labels(spec.run, "trainer")
     job_spec: dict[str, Any] = {
-        "backoffLimit": spec.backoff_limit,
+        "backoffLimit": spec.retries,
         "ttlSecondsAfterFinished": spec.ttl_seconds,
         "podFailurePolicy": {"rules": [
-            # Bad usage or config: retrying cannot help.
-            {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                   "values": [EXIT_USAGE]}},
-            # Stopped by SIGTERM after saving: retry, without spending the backoff limit.
-            {"action": "Ignore", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                                  "values": [EXIT_INTERRUPTED]}},
-            # Preemption, eviction, node drain.
-            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            _exit_codes("FailJob", EXIT_USAGE),  # bad usage or config: retrying cannot help
+            _exit_codes("Ignore", EXIT_INTERRUPTED),  # SIGTERM after saving: retry without counting
+            {"action": "Ignore", **_DISRUPTED},
         ]},
         "template": {"metadata": {"labels": labels}, "spec": _pod_spec(spec)},
     }
-    if spec.workers > 1:
-        job_spec.update(completionMode="Indexed", completions=spec.workers, parallelism=spec.workers)
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _metadata(spec.run, spec.namespace, labels),
-            "spec": job_spec}
+    if spec.max_runtime:
+        job_spec["activeDeadlineSeconds"] = spec.max_runtime
+    return {"apiVersion": "batch/v1", "kind": "Job",
+            "metadata": _metadata(spec.run, spec.namespace, labels | _queue_labels(spec)), "spec": job_spec}
 
 
-def workers_service(spec: JobSpec) -> dict[str, Any]:
-    """Headless Service giving each worker pod a stable DNS name for the collectives."""
+# The Job controller's failure messages for the FailJob rules of the worker Job below, which the JobSet's
+# failure policy tells apart (JobSet KEP 262): "Container trainer for pod NS/POD failed with exit code 2
+# matching FailJob rule at index 0", "Pod NS/POD has condition DisruptionTarget matching FailJob rule at index 2".
+_BAD_USAGE = f"exit code {EXIT_USAGE} matching FailJob rule"
+_RETRYABLE = (f"exit code ({EXIT_INTERRUPTED}|{EXIT_PEER_LOST}) matching FailJob rule",
+              "condition DisruptionTarget matching FailJob rule")
+
+
+def training_jobset(spec: JobSpec) -> dict[str, Any]:
+    """The multi-worker JobSet: one Indexed Job of `workers` pods (MultiWorkerMirroredStrategy), restarted
+    as a whole when any worker fails, through JobSet's own headless Service and pod hostnames."""
+    labels = _labels(spec.run, "trainer")
+    # Any failed pod fails the worker Job at once (backoffLimit 0); the JobSet then decides for the group.
+    worker_job: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": spec.workers,
+        "parallelism": spec.workers,
+        "backoffLimit": 0,
+        "podFailurePolicy": {"rules": [
+            _exit_codes("FailJob", EXIT_USAGE),
+            _exit_codes("FailJob", EXIT_INTERRUPTED, EXIT_PEER_LOST),
+            {"action": "FailJob", **_DISRUPTED},
+        ]},
+        "successPolicy": {"rules": [{"succeededIndexes": "0"}]},  # worker 0 finished: the run is done
+        "template": {"metadata": {"labels": labels}, "spec": _pod_spec(spec)},
+    }
+    if spec.max_runtime:
+        worker_job["activeDeadlineSeconds"] = spec.max_runtime  # per attempt of the group
+    failure_policy = {
+        "maxRestarts": spec.retries,
+        # Every old pod is gone (worker 0 has shipped its last checkpoint) before the new group starts.
+        "restartStrategy": "BlockingRecreate",
+        "rules": [
+            {"name": "BadUsage", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+             "onJobFailureMessagePatterns": [_BAD_USAGE]},
+            {"name": "PreemptedOrPeerLost", "action": "RestartJobSetAndIgnoreMaxRestarts",
+             "onJobFailureReasons": ["PodFailurePolicy"], "onJobFailureMessagePatterns": list(_RETRYABLE)},
+            {"name": "OutOfTime", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
+            {"name": "Crash", "action": "RestartJobSet", "onJobFailureReasons": ["BackoffLimitExceeded"]},
+        ],
+    }
     return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": _metadata(spec.run, spec.namespace, _labels(spec.run, "workers")),
+        "apiVersion": f"{JOBSET_GROUP}/{JOBSET_VERSION}",
+        "kind": "JobSet",
+        "metadata": _metadata(spec.run, spec.namespace, labels | _queue_labels(spec)),
         "spec": {
-            "clusterIP": "None",
-            "publishNotReadyAddresses": True,  # workers find each other before any is Ready
-            "selector": {RUN_LABEL: spec.run, "app.kubernetes.io/component": "trainer"},
-            "ports": [{"name": "collective", "port": WORKER_PORT, "targetPort": WORKER_PORT}],
+            "network": {"enableDNSHostnames": True, "publishNotReadyAddresses": True},
+            "failurePolicy": failure_policy,
+            "successPolicy": {"operator": "All", "targetReplicatedJobs": [REPLICATED_JOB]},
+            "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1,
+                                "template": {"metadata": {"labels": labels}, "spec": worker_job}}],
+            "ttlSecondsAfterFinished": spec.ttl_seconds,
         },
     }
 
 
 def training_objects(spec: JobSpec) -> list[dict[str, Any]]:
-    """Everything `submit` creates, in creation order."""
-    return ([workers_service(spec)] if spec.workers > 1 else []) + [training_job(spec)]
+    """Everything `submit` creates for the run, in creation order."""
+    return [training_jobset(spec) if spec.workers > 1 else training_job(spec)]
 
 
 def service_account(namespace: str, gcp_service_account: str = "", name: str = APP) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import yaml
 import kubernetes_validate
 
 from conftest import ROOT, error_lines
+from jobset_policy import job_failure, jobset_action
 from kube import KubeAPI
 from trainer.config import DATASETS, PRESETS, build_config
 from trainer.distribute import INDEX_ENV, WORKERS_ENV, configure_cluster
@@ -104,33 +105,6 @@ def test_jobset_fields_are_those_of_jobset_v1alpha2(jobset):
         assert isinstance(replicated["replicas"], int) and 1 <= replicated["replicas"] <= 1024
 
 
-def _job_failure(jobset: dict, exit_code: int | None = None, disrupted: bool = False) -> tuple[str, str]:
-    """(reason, message) the Job controller gives the worker Job when one pod fails this way."""
-    job = jobset["spec"]["replicatedJobs"][0]["template"]["spec"]
-    for index, rule in enumerate(job["podFailurePolicy"]["rules"]):
-        on_codes = rule.get("onExitCodes")
-        if disrupted and rule.get("onPodConditions"):
-            match = "Pod default/p has condition DisruptionTarget"
-        elif on_codes and not disrupted and exit_code in on_codes["values"]:
-            match = f"Container trainer for pod default/p failed with exit code {exit_code}"
-        else:
-            continue
-        assert rule["action"] == "FailJob"  # every failure ends the worker Job; the JobSet decides
-        return "PodFailurePolicy", f"{match} matching FailJob rule at index {index}"
-    assert job["backoffLimit"] == 0
-    return "BackoffLimitExceeded", "Job has reached the specified backoff limit"
-
-
-def _jobset_action(jobset: dict, reason: str, message: str) -> str:
-    """The JobSet controller's choice: the first rule whose reasons and message patterns match."""
-    for rule in jobset["spec"]["failurePolicy"]["rules"]:
-        if reason in rule.get("onJobFailureReasons", [reason]) and (
-                not rule.get("onJobFailureMessagePatterns")
-                or any(re.search(p, message) for p in rule["onJobFailureMessagePatterns"])):
-            return rule["action"]
-    return "RestartJobSet"
-
-
 @pytest.mark.parametrize("failure, action", [
     (dict(exit_code=2), "FailJobSet"),  # bad usage: never retried
     (dict(exit_code=75), "RestartJobSetAndIgnoreMaxRestarts"),  # SIGTERM after saving
@@ -144,8 +118,8 @@ def _jobset_action(jobset: dict, reason: str, message: str) -> str:
 ])
 def test_the_group_failure_policy(failure, action):
     jobset = training_objects(MULTI)[0]
-    assert _jobset_action(jobset, *_job_failure(jobset, **failure)) == action
-    assert _jobset_action(jobset, "DeadlineExceeded", "Job was active longer than specified deadline") == "FailJobSet"
+    assert jobset_action(jobset, *job_failure(jobset, **failure)) == action
+    assert jobset_action(jobset, "DeadlineExceeded", "Job was active longer than specified deadline") == "FailJobSet"
 
 
 def _container(job: dict) -> dict:

@@ -21,6 +21,8 @@ GPUS        ?= 1
 WORKERS     ?= 1
 GPU_TYPE    ?=
 NAMESPACE   ?= default
+QUEUE       ?=
+PRIORITY    ?=
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
@@ -67,7 +69,7 @@ submit: install push
 	@test -n "$(BUCKET)" || (echo "error: set BUCKET=<your bucket>" >&2; exit 2)
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) submit --image $(IMAGE):$(TAG) --output-dir $(REMOTE_DIR) \
 	  --gpus $(GPUS) --workers $(WORKERS) $(if $(GPU_TYPE),--gpu-type $(GPU_TYPE)) $(if $(RUN),--run $(RUN)) \
-	  -- $(TRAINER_FLAGS)
+	  $(if $(QUEUE),--queue $(QUEUE)) $(if $(PRIORITY),--priority $(PRIORITY)) -- $(TRAINER_FLAGS)
 
 local: image
 	mkdir -p $(OUTPUT_DIR)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from conftest import ROOT
 from gcs import free_port
 from trainer.config import ConfigError, RuntimeConfig
-from trainer.distribute import INDEX_ENV, WORKERS_ENV, configure_cluster, make_strategy, tf_config
+from trainer.distribute import INDEX_ENV, WORKERS_ENV, configure_cluster, lost_peer, make_strategy, tf_config
 
 
 def test_tf_config_from_the_launchers_environment(monkeypatch):
@@ -84,3 +84,24 @@ def test_two_worker_processes_train_together_and_only_the_chief_writes(tmp_path,
     for name in chief:
         np.testing.assert_array_equal(chief[name], worker[name], err_msg=name)
     assert not os.path.exists(tmp_path / "scratch1" / "mw" / "logs" / "train")  # no TensorBoard on workers
+
+
+_RELAYED = ('Collective ops is aborted by: x\nAdditional GRPC error information from remote target '
+            '/job:worker/replica:0/task:2 while calling /tensorflow.WorkerService/RecvBuf:\n:UNKNOWN:Error received '
+            'from peer  {grpc_status:14, grpc_message:"Collective ops is aborted by: Socket closed\\nAdditional GRPC '
+            'error information from remote target /job:worker/replica:0/task:1 while calling '
+            '/tensorflow.WorkerService/RecvBuf:\\n:UNKNOWN:Error"}')
+
+
+@pytest.mark.parametrize("me, message, lost", [
+    (0, "Additional GRPC error information from remote target /job:worker/replica:0/task:2 while calling", 2),
+    (0, _RELAYED, 1),  # worker 2 relays worker 1's death: the origin is the most deeply quoted
+    (2, "The following tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe", 1),
+    (1, "Deadline Exceeded\n\nRPC: /tensorflow.CoordinationService/Heartbeat", 0),  # the service's host froze
+    (0, "Error reported from /job:worker/task:2: something", 2),
+    (0, "Socket closed", None),
+])
+def test_the_lost_peer_is_named_from_tensorflows_error(me, message, lost):
+    cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": me}}
+    assert lost_peer(message, cluster) == (f"worker {lost} ({'abc'[lost]}:{lost + 1})" if lost is not None
+                                           else "a peer")

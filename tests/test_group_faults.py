@@ -18,15 +18,16 @@ from google.cloud import storage
 
 from conftest import error_lines, run_cli
 from group import Group
+from trainer.cli import PEER_LOST_HOLD
 from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST
 
 TRIALS = int(os.environ.get("FAULT_TRIALS", "5"))
 SEED = int(os.environ.get("FAULT_SEED", str(random.SystemRandom().randrange(10**6))))
 PEER_TIMEOUT = 10.0
 GRACE = 10.0
-# A survivor notices within --peer-timeout, then the chief commits its saved checkpoint within
-# --grace-seconds; the rest is slack for a loaded 2-core machine running 3 TensorFlow processes.
-BOUND = PEER_TIMEOUT + GRACE + 15.0
+# A survivor notices within --peer-timeout, the chief commits its saved checkpoint within --grace-seconds,
+# every survivor holds its exit for PEER_LOST_HOLD; the rest is slack for a loaded 2-core machine.
+BOUND = PEER_TIMEOUT + GRACE + PEER_LOST_HOLD + 15.0
 BATCH, EPOCHS = 240, 4  # 250 steps per epoch, divisible by 2 and 3 workers
 SIGNALS = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "sigterm": signal.SIGTERM}
 

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from typing import Any, NoReturn, Sequence
 
 from trainer import config as config_lib
@@ -43,6 +44,9 @@ FLAG_HELP = {
     "grace_seconds": "after SIGTERM: save, upload and exit within this many seconds",
     "store_timeout": "seconds the final upload retries an unreachable store before giving up",
 }
+
+
+PEER_LOST_HOLD = 5.0  # seconds a survivor waits after reporting a lost peer before it exits
 
 
 class Parser(argparse.ArgumentParser):
@@ -139,10 +143,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     except Interrupted as stop:
         fail(str(stop), EXIT_INTERRUPTED)
     except PeerLost as lost:
-        # Not sys.exit: TensorFlow's teardown would wait at the coordination service's shutdown barrier
-        # for the peer that is gone.
         print(f"error: {lost}", file=sys.stderr, flush=True)
         sys.stdout.flush()
+        # A peer that crashed must fail its pod before the survivors fail theirs: the group's failure policy
+        # acts on the first failure, and counts a crash (so a crash loop ends) but not a lost peer.
+        time.sleep(PEER_LOST_HOLD)
+        # Not sys.exit: TensorFlow's teardown would wait at the coordination service's shutdown barrier
+        # for the peer that is gone.
         os._exit(EXIT_PEER_LOST)
     folder = f"{config.run.output_dir.rstrip('/')}/{config.run.run}"
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "

@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import tensorflow as tf
 from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
@@ -80,20 +80,42 @@ def _configure_coordination(runtime: RuntimeConfig, workers: int) -> None:
     tf_context.context().coordination_service.cluster_register_with_barrier = True
 
 
-# Where TensorFlow's errors name the peer they lost, most specific first.
+# Where TensorFlow's errors name the peer they lost. A peer that relays the abort wraps the error it got
+# (with escaped newlines) into its own, so the origin is the most deeply quoted remote target.
 _UNHEALTHY = re.compile(r"unhealthy[^\n]*\n\s*/job:worker/replica:\d+/task:(\d+)")
-_REMOTE = re.compile(r"remote target /job:worker/replica:\d+/task:(\d+)")
+_REMOTE = re.compile(r"(\\*)n?Additional GRPC error information from remote target /job:worker/replica:\d+/task:(\d+)")
 _REPORTER = re.compile(r"reported from /job:worker/(?:replica:\d+/)?task:(\d+)")
 _TO_LEADER = "CoordinationService/Heartbeat"
+_PROBE_SECONDS = 2.0
 _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
                 tf.errors.AbortedError, tf.errors.InternalError)
 
 
-def lost_peer(message: str, cluster: Mapping[str, Any]) -> str:
-    """'worker N (host:port)' for the peer a TensorFlow error message says was lost, or 'a peer'."""
+def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECONDS) -> list[int]:
+    """Indexes of the peers that do not answer TensorFlow's collective health probe (dead, frozen or
+    restarted); asked right after an abort, while every survivor is still up."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
-    for pattern in (_UNHEALTHY, _REMOTE, _REPORTER):
-        found = [int(i) for i in pattern.findall(message) if int(i) != me and int(i) < len(workers)]
+    lost = []
+    for index in range(len(workers)):
+        if index != me:
+            try:
+                tf_context.context().check_collective_ops_peer_health(
+                    f"/job:worker/replica:0/task:{index}", timeout_in_ms=int(timeout * 1000))
+            except tf.errors.OpError:
+                lost.append(index)
+    return lost
+
+
+def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = ()) -> str:
+    """'worker N (host:port)' for the peer that was lost: the one that did not answer a probe, else the
+    one TensorFlow's error message names; 'a peer' if neither tells."""
+    me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
+    if unreachable:
+        return ", ".join(f"worker {i} ({workers[i]})" for i in unreachable)
+    deepest = sorted(((-len(quoting), int(task)) for quoting, task in _REMOTE.findall(message)), key=lambda m: m[0])
+    for found in ([int(i) for i in _UNHEALTHY.findall(message)], [task for _, task in deepest],
+                  [int(i) for i in _REPORTER.findall(message)]):
+        found = [i for i in found if i != me and i < len(workers)]
         if found:
             return f"worker {found[0]} ({workers[found[0]]})"
     if _TO_LEADER in message and me != 0:  # our heartbeats to the service on worker 0 went unanswered
@@ -114,18 +136,20 @@ def cluster_of(strategy: tf.distribute.Strategy) -> dict[str, Any] | None:
 def peer_failures(cluster: Mapping[str, Any] | None, what: str = "",
                   on_lost: Callable[[], object] | None = None) -> Iterator[None]:
     """Turn the errors TensorFlow raises when the coordination service or a collective loses a peer
-    into one PeerLost naming it (after calling `on_lost`); a no-op on a single node."""
+    into one PeerLost naming it (calling `on_lost` first); a no-op on a single node."""
     if cluster is None:
         yield
         return
     try:
         yield
     except _PEER_ERRORS as error:
+        me = cluster["task"]["index"]
+        # Probe before on_lost: the other survivors are still up now, and on_lost may take a while.
+        message = what or (f"worker {me}: lost {lost_peer(str(error), cluster, unreachable_peers(cluster))}; "
+                           "the group must restart (from the last checkpoint)")
         if on_lost is not None:
             on_lost()
-        me = cluster["task"]["index"]
-        raise PeerLost(what or f"worker {me}: lost {lost_peer(str(error), cluster)}; "
-                       "the group must restart (from the last checkpoint)") from error
+        raise PeerLost(message) from error
 
 
 def same_on_all_workers(strategy: tf.distribute.Strategy, value: int) -> bool:

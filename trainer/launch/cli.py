@@ -47,14 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     _cluster_options(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=trainer_cli.Parser)
 
-    def command(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=description or text)
+    def command(name: str, text: str, description: str | None = None, **kwargs: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=description or text, **kwargs)
         _cluster_options(sub, defaults=False)
         return sub
 
     submit = command("submit", "submit a training job; prints the run name",
                      "Submit a training run: a Job on one node, a JobSet for --workers > 1. "
-                     "Trainer flags (--model, --epochs, ...) go after `--`.")
+                     "Trainer flags (--model, --epochs, ...) go after `--`.",
+                     usage="%(prog)s --image IMAGE --output-dir gs://BUCKET/PREFIX [options] [-- TRAINER FLAGS]")
     submit.add_argument("--image", required=True, help="trainer image, e.g. REGISTRY/mnist-trainer:TAG")
     submit.add_argument("--output-dir", required=True, help="gs://BUCKET/PREFIX the run is written to")
     submit.add_argument("--run", help="run name (default: generated from model, dataset and time)")

@@ -105,3 +105,12 @@ def test_the_lost_peer_is_named_from_tensorflows_error(me, message, lost):
     cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": me}}
     assert lost_peer(message, cluster) == (f"worker {lost} ({'abc'[lost]}:{lost + 1})" if lost is not None
                                            else "a peer")
+
+
+def test_the_probe_decides_between_the_peers_an_error_names():
+    cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 1}}
+    relayed = _RELAYED.replace("task:1 while", "task:0 while").replace("task:2 while", "task:2 while")
+    assert lost_peer(relayed, cluster, unreachable=[0, 2]) == "worker 0 (a:1)"  # named deepest and unreachable
+    assert lost_peer("Error reported from /job:worker/task:0: x", cluster, unreachable=[2]) == "worker 0 (a:1)"
+    assert lost_peer("Socket closed", cluster, unreachable=[2]) == "worker 2 (c:3)"
+    assert lost_peer("Socket closed", cluster, unreachable=[0, 2]) == "worker 0 (a:1), worker 2 (c:3)"

@@ -107,20 +107,18 @@ def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECOND
 
 
 def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = ()) -> str:
-    """'worker N (host:port)' for the peer that was lost: the one that did not answer a probe, else the
-    one TensorFlow's error message names; 'a peer' if neither tells."""
+    """'worker N (host:port)' for the peer that was lost: of the peers TensorFlow's error names (most specific
+    first), the first that also failed the probe, else the first named, else the probe's; 'a peer' if
+    neither tells. (A survivor that hears late may find another survivor already gone.)"""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
-    if unreachable:
-        return ", ".join(f"worker {i} ({workers[i]})" for i in unreachable)
     deepest = sorted(((-len(quoting), int(task)) for quoting, task in _REMOTE.findall(message)), key=lambda m: m[0])
-    for found in ([int(i) for i in _UNHEALTHY.findall(message)], [task for _, task in deepest],
-                  [int(i) for i in _REPORTER.findall(message)]):
-        found = [i for i in found if i != me and i < len(workers)]
-        if found:
-            return f"worker {found[0]} ({workers[found[0]]})"
-    if _TO_LEADER in message and me != 0:  # our heartbeats to the service on worker 0 went unanswered
-        return f"worker 0 ({workers[0]})"
-    return "a peer"
+    named = [int(i) for i in _UNHEALTHY.findall(message)] + [task for _, task in deepest]
+    named += [int(i) for i in _REPORTER.findall(message)]
+    if _TO_LEADER in message:  # our heartbeats to the service on worker 0 went unanswered
+        named.append(0)
+    named = [i for i in named if i != me and i < len(workers)]
+    lost = [i for i in named if i in unreachable][:1] or named[:1] or list(unreachable)
+    return ", ".join(f"worker {i} ({workers[i]})" for i in lost) or "a peer"
 
 
 def cluster_of(strategy: tf.distribute.Strategy) -> dict[str, Any] | None:

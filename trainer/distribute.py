@@ -93,7 +93,7 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.
 
 def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECONDS) -> list[int]:
     """Indexes of the peers that do not answer TensorFlow's collective health probe (dead, frozen or
-    restarted); asked right after an abort, while every survivor is still up."""
+    restarted); asked right after an abort, while the other survivors are usually still up."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
     lost = []
     for index in range(len(workers)):

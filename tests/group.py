@@ -64,7 +64,7 @@ class Group:
         for index in range(self.workers):
             env = {**os.environ, **self.env, WORKERS_ENV: hosts, INDEX_ENV: str(index)}
             env.pop("TF_CONFIG", None)
-            scratch = os.path.join(self.scratch, f"attempt{attempt}-worker{index}")
+            scratch = self._pod_path(attempt, index)
             with open(f"{scratch}.stderr", "w") as stderr:  # a file, not a pipe: nothing can block the worker
                 self.processes.append(subprocess.Popen(
                     [sys.executable, "-m", "trainer", "train", *self.trainer_args, "--scratch-dir", scratch],
@@ -140,8 +140,12 @@ class Group:
                 code = process.returncode if process.returncode >= 0 else 128 - process.returncode
                 exits[index] = Exit(index, code, time.monotonic() - self.started, self._stderr(index))
 
+    def _pod_path(self, attempt: int, index: int) -> str:
+        """The scratch folder of one worker of one attempt (its stderr file beside it)."""
+        return os.path.join(self.scratch, f"attempt{attempt}-worker{index}")
+
     def _stderr(self, index: int) -> str:
-        with open(os.path.join(self.scratch, f"attempt{len(self.attempts)}-worker{index}.stderr")) as f:
+        with open(f"{self._pod_path(len(self.attempts), index)}.stderr") as f:
             return f.read()
 
     def run(self, timeout: float, first: Callable[["Group"], None] | None = None) -> str:

@@ -36,7 +36,8 @@ QUEUED_GROUP = JobSpec(run="r5", image="img:1", output_dir="gs://b/runs", worker
                        max_runtime=3600)
 JOBSETS = [*training_objects(MULTI), *training_objects(QUEUED_GROUP)]
 CORE_OBJECTS = [*training_objects(SINGLE), *training_objects(CPU_ONLY), *training_objects(QUEUED),
-                *tensorboard_objects("img:1", "gs://b/runs"), service_account("default", "sa@p.iam.gserviceaccount.com")]
+                *tensorboard_objects("img:1", "gs://b/runs"),
+                service_account("default", "sa@p.iam.gserviceaccount.com")]
 
 
 def _name(obj: dict) -> str:
@@ -305,7 +306,8 @@ def test_submit_without_jobset_installed_says_how_to_install_it(tmp_path):
         result = launch(*GROUP, kubeconfig=str(path))
         assert result.returncode == 2 and len(error_lines(result.stderr)) == 1 == result.stderr.count("\n")
         assert "does not serve the JobSet API" in result.stderr
-        assert "kubectl apply --server-side -f https://github.com/kubernetes-sigs/jobset/releases/download/" in result.stderr
+        install = "kubectl apply --server-side -f https://github.com/kubernetes-sigs/jobset/releases/download/"
+        assert install in result.stderr
         assert not [m for m, _, _ in server.requests if m == "POST"]
         single = launch("submit", "--image", "i", "--output-dir", "gs://b/r", "--run", "one", kubeconfig=str(path))
         assert single.returncode == 0, single.stderr  # a single node needs no JobSet
@@ -437,10 +439,12 @@ def test_cancel_deletes_the_jobset_with_foreground_propagation(api):
 
 def test_list_shows_jobsets_and_jobs_but_not_a_jobsets_own_jobs(api):
     assert launch(*GROUP, kubeconfig=api.path).returncode == 0
-    assert launch("submit", "--image", "i", "--output-dir", "gs://b/r", "--run", "r1", kubeconfig=api.path).returncode == 0
+    single = launch("submit", "--image", "i", "--output-dir", "gs://b/r", "--run", "r1", kubeconfig=api.path)
+    assert single.returncode == 0, single.stderr
     child = {"apiVersion": "batch/v1", "kind": "Job",
              "metadata": {"name": "r2-worker-0", "namespace": "default",
-                          "labels": {"app.kubernetes.io/name": "mnist-trainer", "jobset.sigs.k8s.io/jobset-name": "r2"}},
+                          "labels": {"app.kubernetes.io/name": "mnist-trainer",
+                                     "jobset.sigs.k8s.io/jobset-name": "r2"}},
              "spec": {"template": {"spec": {"containers": []}}}, "status": {}}
     api.put("jobs", child)
     result = launch("list", kubeconfig=api.path)

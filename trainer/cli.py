@@ -66,7 +66,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field, named after it; unset flags fall back to the model's preset."""
     for section in config_lib.SECTION_CLASSES.values():
         for field in dataclasses.fields(section):
-            flag = "--" + field.name.replace("_", "-")
+            flag = config_lib.flag(field.name)
             help_ = f"{FLAG_HELP[field.name]} (default: {_preset_hint(field)})"
             if field.type == "bool":
                 parser.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, help=help_)

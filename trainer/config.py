@@ -118,6 +118,11 @@ SECTION_CLASSES = {
 }
 FIELD_SECTION = {f.name: s for s, cls in SECTION_CLASSES.items() for f in dataclasses.fields(cls)}
 
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field: learning_rate -> --learning-rate."""
+    return "--" + name.replace("_", "-")
+
 # Each reference tutorial's published recipe, plus our own stronger model.
 PRESETS: dict[str, dict[str, Any]] = {
     # 784-256-256-256-10, ReLU, Glorot, SGD 0.001, batch 64, 70 epochs.
@@ -195,7 +200,7 @@ def validate(config: Config) -> None:
     for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop", "ship_every", "grace_seconds",
                 "store_timeout", "peer_timeout", "startup_timeout"):
         if c[key] <= 0:
-            raise ConfigError(f"--{key.replace('_', '-')} must be positive, got {c[key]}")
+            raise ConfigError(f"{flag(key)} must be positive, got {c[key]}")
     if c["warmup_epochs"] < 0 or c["warmup_epochs"] > c["epochs"]:
         raise ConfigError(f"--warmup-epochs must be in [0, --epochs], got {c['warmup_epochs']}")
     if c["learning_rate"] <= 0:

@@ -75,8 +75,11 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
 
         strategy = strategy or make_strategy(config.runtime)
         cluster = cluster_of(strategy)
-        # A lost peer anywhere below (collectives, the coordination service) ends this worker, not the group's run.
-        with peer_failures(cluster):
+        shipper: Shipper | None = None
+        # A lost peer anywhere below (collectives, the coordination service) ends this worker, not the group's
+        # run; the chief first commits what it saved.
+        commit_saved = lambda: shipper is not None and shipper.flush(config.run.grace_seconds)  # noqa: E731
+        with peer_failures(cluster, on_lost=commit_saved):
             if global_batch % strategy.num_replicas_in_sync:
                 raise ConfigError(f"global --batch-size {global_batch} is not divisible by "
                                   f"{strategy.num_replicas_in_sync} replicas")
@@ -104,8 +107,7 @@ def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy | None =
             # Every worker trains and saves; only the chief's folder is shipped to the store.
             chief = is_chief(strategy)
             shipper = Shipper(local, store, config.run.ship_every, shipped, log) if chief else None
-            keep_saved = (lambda: shipper.flush(config.run.grace_seconds)) if shipper else None
-            with shipper or contextlib.nullcontext(), peer_failures(cluster, on_lost=keep_saved):
+            with shipper or contextlib.nullcontext():
                 loop = _Loop(config, strategy, model, optimizer, checkpoints, shipper, stop, local)
                 evaluate = make_evaluator(strategy, model, test)
                 chunk_times, last_eval = loop.run(train, evaluate, start_step, per_epoch, total_steps)

@@ -13,7 +13,7 @@ from typing import Sequence
 import yaml
 
 from trainer import cli as trainer_cli
-from trainer.config import FIELD_SECTION, ConfigError, build_config
+from trainer.config import FIELD_SECTION, ConfigError, build_config, flag
 from trainer.launch.client import (EXIT_RUN_FAILED, EXIT_WAIT_TIMEOUT, JOB_INDEX_ANNOTATION, REQUEST_TIMEOUT, Cluster,
                                    LaunchError, event_time, pod_summary)
 from trainer.launch.manifests import (LAUNCHER_FLAGS, JobSpec, run_name_problem, service_account,
@@ -103,8 +103,8 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv[:split])
     trainer_args = argv[split + 1:]
     if unknown:
-        trainer_flags = {"--" + name.replace("_", "-") for name in FIELD_SECTION}
-        trainer_flags |= {"--no-" + flag[2:] for flag in trainer_flags}
+        trainer_flags = {flag(name) for name in FIELD_SECTION}
+        trainer_flags |= {"--no-" + option[2:] for option in trainer_flags}  # BooleanOptionalAction's negations
         early = [a for a in unknown if a.split("=")[0] in trainer_flags]
         if args.command == "submit" and early:
             trainer_cli.fail(f"{early[0].split('=')[0]} is a trainer flag: put trainer flags after `--`, "
@@ -118,9 +118,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
 
 def job_spec(args: argparse.Namespace) -> JobSpec:
     """Validate the launcher and trainer flags without TensorFlow and turn them into a JobSpec."""
-    for flag in args.trainer_args:
-        if flag.split("=")[0] in LAUNCHER_FLAGS:
-            raise ConfigError(f"{flag.split('=')[0]} is set by the launcher; give it to `submit` instead")
+    for given in args.trainer_args:
+        if given.split("=")[0] in LAUNCHER_FLAGS:
+            raise ConfigError(f"{given.split('=')[0]} is set by the launcher; give it to `submit` instead")
     if not args.output_dir.startswith("gs://") or len(args.output_dir) <= len("gs://"):
         raise ConfigError(f"--output-dir {args.output_dir!r} is not a bucket: a pod's own disk is gone when the "
                           "pod ends; give gs://BUCKET/PREFIX")

@@ -104,6 +104,7 @@ class Cluster:
         self.batch = client.BatchV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self._served: dict[tuple[str, str], bool] = {}
 
     def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         kwargs.setdefault("_request_timeout", self.timeout)
@@ -122,14 +123,17 @@ class Cluster:
     # --- APIs that are add-ons ---
 
     def serves(self, group: str, version: str) -> bool:
-        """True if the cluster serves the API group/version (e.g. JobSet's CRD is installed)."""
-        try:
-            self._call(f"discover {group}/{version}", self.custom.get_api_resources, group, version)
-        except LaunchError as error:
-            if error.status == 404:
-                return False
-            raise
-        return True
+        """True if the cluster serves the API group/version (e.g. JobSet's CRD is installed); asked once
+        per command, not at every poll of `wait`."""
+        if (group, version) not in self._served:
+            try:
+                self._call(f"discover {group}/{version}", self.custom.get_api_resources, group, version)
+                self._served[group, version] = True
+            except LaunchError as error:
+                if error.status != 404:
+                    raise
+                self._served[group, version] = False
+        return self._served[group, version]
 
     def require_jobset(self) -> None:
         """Refuse in one line, with the install command, when the JobSet API is missing."""

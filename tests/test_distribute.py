@@ -111,6 +111,8 @@ def test_the_probe_decides_between_the_peers_an_error_names():
     cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 1}}
     relayed = _RELAYED.replace("task:1 while", "task:0 while").replace("task:2 while", "task:2 while")
     assert lost_peer(relayed, cluster, unreachable=[0, 2]) == "worker 0 (a:1)"  # named deepest and unreachable
-    assert lost_peer("Error reported from /job:worker/task:0: x", cluster, unreachable=[2]) == "worker 0 (a:1)"
+    # Worker 0 reported the abort (so it was alive); the probe found worker 2 gone.
+    assert lost_peer("Error reported from /job:worker/task:0: x", cluster, unreachable=[2]) == "worker 2 (c:3)"
+    assert lost_peer("Error reported from /job:worker/task:0: x", cluster) == "worker 0 (a:1)"  # probe found none
     assert lost_peer("Socket closed", cluster, unreachable=[2]) == "worker 2 (c:3)"
     assert lost_peer("Socket closed", cluster, unreachable=[0, 2]) == "worker 0 (a:1), worker 2 (c:3)"

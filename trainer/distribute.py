@@ -108,8 +108,9 @@ def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECOND
 
 def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = ()) -> str:
     """'worker N (host:port)' for the peer that was lost: of the peers TensorFlow's error names (most specific
-    first), the first that also failed the probe, else the first named, else the probe's; 'a peer' if
-    neither tells. (A survivor that hears late may find another survivor already gone.)"""
+    first), the first that also failed the probe; else the peers the probe found unreachable; else the first
+    named; 'a peer' if neither tells. The probe outranks a bare name: errors also name the worker that relayed
+    or reported the abort, which is alive, and survivors stay up (PEER_LOST_HOLD) while the others probe them."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
     deepest = sorted(((-len(quoting), int(task)) for quoting, task in _REMOTE.findall(message)), key=lambda m: m[0])
     named = [int(i) for i in _UNHEALTHY.findall(message)] + [task for _, task in deepest]
@@ -117,7 +118,7 @@ def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[in
     if _TO_LEADER in message:  # our heartbeats to the service on worker 0 went unanswered
         named.append(0)
     named = [i for i in named if i != me and i < len(workers)]
-    lost = [i for i in named if i in unreachable][:1] or named[:1] or list(unreachable)
+    lost = [i for i in named if i in unreachable][:1] or list(unreachable) or named[:1]
     return ", ".join(f"worker {i} ({workers[i]})" for i in lost) or "a peer"
 
 

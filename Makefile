@@ -54,7 +54,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install
-	ONLY=$(ONLY) $(PY) bench/run.py
+	ONLY=$(ONLY) $(PY) -m bench.run
 
 manifests: install
 	$(PY) -m trainer.launch render k8s

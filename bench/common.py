@@ -1,8 +1,9 @@
-"""What the benchmark suites share: the repository root, a trainer command line, a reference's environment."""
+"""What the benchmark suites share: the repository root, a trainer command line, running a reference program."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,3 +22,15 @@ def reference_env(onednn: bool | None = None) -> dict[str, str]:
     if onednn is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = "1" if onednn else "0"
     return env
+
+
+def reference_command(name: str, *args: str) -> list[str]:
+    """The command line of the reference program bench/references/<name>.py."""
+    return [sys.executable, "-m", f"bench.references.{name}", *args]
+
+
+def reference(name: str, *args: str, onednn: bool | None = None) -> str:
+    """Run a reference program in a fresh process; the last line it prints."""
+    result = subprocess.run(reference_command(name, *args), cwd=ROOT, env=reference_env(onednn), check=True,
+                            capture_output=True, text=True)
+    return result.stdout.strip().splitlines()[-1]

@@ -14,11 +14,8 @@ import sys
 import tempfile
 from typing import Any
 
-from common import ROOT, trainer_command
-
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-from gcs import Emulator  # noqa: E402  (the same loopback emulator the tests use)
+from bench.common import ROOT, trainer_command
+from tests.gcs import Emulator  # the same loopback emulator the tests use
 
 TRAIN = ["--model", "cnn", "--epochs", "1"]  # default checkpoint and shipping intervals
 
@@ -56,3 +53,8 @@ def run(rounds: int = 3) -> dict[str, Any]:
         "gcs_over_local": round(gcs_median / local_median, 3),
         "overhead_percent": round(100 * (1 - gcs_median / local_median), 1),
     }
+
+
+def rows(s: dict[str, Any]) -> list[tuple[str, str]]:
+    """This suite's line of the `make bench` table."""
+    return [("gs:// (emulator) vs local, examples/sec", f"{s['gcs_over_local']:.3f} x ({s['overhead_percent']}% overhead)")]

@@ -2,7 +2,7 @@
 
 The trainer runs its fastest preset (`lenet_bn`) through `python -m trainer train`, three times
 (median); the moment is the wall time of its first test-accuracy TensorBoard event at or above the
-target. The reference is the keras.io MNIST convnet recipe as published (Conv32-Pool-Conv64-Pool-
+target. The reference (bench/references/keras_io_convnet.py) is the keras.io MNIST convnet recipe as published (Conv32-Pool-Conv64-Pool-
 Dropout-Dense softmax, Adam, batch 128, validation_split 0.1, up to 15 epochs, TensorFlow's default
 settings), fed the same MNIST arrays, with a callback that evaluates the test set after each epoch
 and stops at the target.
@@ -16,7 +16,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any
@@ -24,47 +23,12 @@ from typing import Any
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from common import ROOT, reference_env, trainer_command
+from bench.common import ROOT, reference_command, reference_env, trainer_command
 
 TARGET = 0.99
 PRESET = "lenet_bn"
 TRAINER_RUNS = 3  # the machine is noisy: the median run counts (the recipe, ~6 minutes, runs once)
 
-_KERAS_IO = r'''
-import json, sys, time
-import keras, numpy as np
-from keras import layers
-from trainer.config import DataConfig
-from trainer.data import load_split
-
-target = float(sys.argv[1])
-train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
-x_train, x_test = train.images.astype("float32") / 255, test.images.astype("float32") / 255
-y_train, y_test = keras.utils.to_categorical(train.labels, 10), keras.utils.to_categorical(test.labels, 10)
-model = keras.Sequential([
-    keras.Input(shape=(28, 28, 1)),
-    layers.Conv2D(32, kernel_size=(3, 3), activation="relu"),
-    layers.MaxPooling2D(pool_size=(2, 2)),
-    layers.Conv2D(64, kernel_size=(3, 3), activation="relu"),
-    layers.MaxPooling2D(pool_size=(2, 2)),
-    layers.Flatten(),
-    layers.Dropout(0.5),
-    layers.Dense(10, activation="softmax"),
-])
-model.compile(loss="categorical_crossentropy", optimizer="adam", metrics=["accuracy"])
-
-
-class TestAccuracy(keras.callbacks.Callback):
-    def on_epoch_end(self, epoch, logs=None):
-        accuracy = self.model.evaluate(x_test, y_test, verbose=0)[1]
-        print(json.dumps({"epoch": epoch + 1, "test_accuracy": accuracy, "time": time.time()}), flush=True)
-        if accuracy >= target:
-            self.model.stop_training = True
-
-
-model.fit(x_train, y_train, batch_size=128, epochs=15, validation_split=0.1, verbose=0,
-          callbacks=[TestAccuracy()])
-'''
 
 
 def _trainer(work: str, run: str) -> dict[str, Any]:
@@ -93,7 +57,7 @@ def _keras_io() -> dict[str, Any]:
     """Run the keras.io recipe once; seconds from process start to its first test accuracy >= TARGET."""
     env = reference_env()  # as published: TensorFlow's default settings
     start = time.time()
-    result = subprocess.run([sys.executable, "-c", _KERAS_IO, str(TARGET)], cwd=ROOT, env=env, check=True,
+    result = subprocess.run(reference_command("keras_io_convnet", str(TARGET)), cwd=ROOT, env=env, check=True,
                             capture_output=True, text=True)
     epochs = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     return {
@@ -124,3 +88,13 @@ def run() -> dict[str, Any]:
         "keras_io_recipe": reference,
         "speedup": round(theirs / ours, 2) if ours and theirs else None,
     }
+
+
+def rows(a: dict[str, Any]) -> list[tuple[str, str]]:
+    """This suite's lines of the `make bench` table."""
+    ours, theirs = a["trainer"]["seconds_to_target"], a["keras_io_recipe"]["seconds_to_target"]
+    return [
+        (f"seconds to {a['target']:.1%} test accuracy, trainer",
+         f"{ours} s ({PRESET}, median of {TRAINER_RUNS}, from process start)"),
+        ("  keras.io convnet recipe (fit)", f"{theirs} s ({a['speedup']} x slower)"),
+    ]

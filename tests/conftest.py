@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from typing import Callable, Iterable
 
 from trainer.runtime import set_tensorflow_env
 
@@ -24,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A data dir holding real MNIST and Fashion-MNIST as verified IDX files."""
-    from trainer.data import import_packaged
+    from trainer.datasets import import_packaged
 
     folder = str(tmp_path_factory.mktemp("data"))
     for dataset in ("mnist", "fashion_mnist"):
@@ -36,7 +38,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 def mnist(data_dir: str) -> dict:
     """Real MNIST train and test splits in memory."""
     from trainer.config import DataConfig
-    from trainer.data import load_split
+    from trainer.datasets import load_split
 
     config = DataConfig(dataset="mnist", data_dir=data_dir, data_source="idx")
     return {split: load_split(config, split) for split in ("train", "test")}
@@ -46,6 +48,31 @@ def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subpro
     """Run `python -m trainer ARGS` in a fresh process (environment: ours, updated by `env`)."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def start_trainer(*args: str, env: dict | None = None, quiet: bool = False) -> subprocess.Popen:
+    """Start `python -m trainer ARGS` in a fresh process: output piped as text, or discarded if `quiet`."""
+    output = subprocess.DEVNULL if quiet else subprocess.PIPE
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=output, stderr=output,
+                            text=True, env={**os.environ, **(env or {})})
+
+
+def wait_until(condition: Callable[[], object], timeout: float = 300, process: subprocess.Popen | None = None,
+               interval: float = 0.2) -> bool:
+    """Poll `condition` until it holds; False if `timeout` seconds pass or `process` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline or (process is not None and process.poll() is not None):
+            return False
+        time.sleep(interval)
+    return True
+
+
+def checkpoint_steps(names: Iterable[str]) -> list[int]:
+    """The steps of the complete checkpoints (those with an index file) among file names, in order."""
+    from trainer.run_dir import checkpoint_step
+
+    return sorted(checkpoint_step(name) for name in names if name.endswith(".index"))
 
 
 @pytest.fixture(scope="session")
@@ -76,9 +103,9 @@ def error_lines(stderr: str) -> list[str]:
 
 def cnn_config(output_dir: str, data_dir: str, **overrides):
     """One epoch of the tutorial CNN on two logical CPU replicas, reading IDX files."""
-    from trainer.config import build_config
+    from trainer.config import config_from_args
 
-    return build_config({"model": "cnn", "epochs": 1, "cpu_replicas": REPLICAS, "output_dir": output_dir,
+    return config_from_args({"model": "cnn", "epochs": 1, "cpu_replicas": REPLICAS, "output_dir": output_dir,
                          "run": "cnn-e2e", "data_dir": data_dir, "data_source": "idx", **overrides})
 
 
@@ -86,7 +113,7 @@ def cnn_config(output_dir: str, data_dir: str, **overrides):
 def cnn_run(tmp_path_factory, data_dir):
     """The tutorial CNN trained in-process for one epoch on two replicas: (config, run folder, metrics)."""
     from trainer.distribute import make_strategy
-    from trainer.storage import RunFolder
+    from trainer.run_dir import RunFolder
     from trainer.train import train_and_evaluate
 
     output_dir = str(tmp_path_factory.mktemp("runs"))

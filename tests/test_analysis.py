@@ -14,15 +14,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_cli
 from trainer.analysis import analyze, load_inputs
-from trainer.storage import RunFolder
+from trainer.config import config_from_dict
+from trainer.run_dir import RunFolder
 
 COMMON = ["predictions", "label_distribution", "curves", "confusion_matrix", "optimal_inputs"]
 
 
 @pytest.fixture(scope="module")
 def cnn_analysis(cnn_run):
-    _, folder, metrics = cnn_run
-    return folder, metrics, analyze(folder)
+    config, folder, metrics = cnn_run
+    return folder, metrics, analyze(folder, config), config
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,7 @@ def _assert_pngs(folder: RunFolder, names: list[str]) -> None:
 
 
 def test_cnn_analysis_files_and_numbers(cnn_analysis, data_dir):
-    folder, metrics, summary = cnn_analysis
+    folder, metrics, summary, _ = cnn_analysis
     _assert_pngs(folder, COMMON + ["feature_maps"])
     assert not os.path.exists(folder.path("analysis", "hidden_fingerprints.png"))  # conv model
     saved = json.loads(open(folder.path("analysis", "summary.json")).read())
@@ -76,11 +77,11 @@ def test_cnn_analysis_files_and_numbers(cnn_analysis, data_dir):
     assert len(summary["predictions"]["random"]) == len(summary["predictions"]["most_confidently_wrong"]) == 9
 
 
-def test_optimal_inputs_are_classified_as_their_class(cnn_analysis, data_dir):
-    folder, _, summary = cnn_analysis
+def test_optimal_inputs_are_classified_as_their_class(cnn_analysis):
+    folder, _, summary, config = cnn_analysis
     inputs = np.load(folder.path("analysis", "optimal_inputs.npy"))
     assert inputs.shape == (10, 28, 28, 1) and inputs.min() >= 0 and inputs.max() <= 1
-    model = load_inputs(folder, data_dir).model
+    model = load_inputs(folder, config).model
     # Fed back as raw pixels through the whole model, each optimal input wins its own class.
     pixels = np.round(inputs * 255).astype(np.uint8)
     probabilities = tf.nn.softmax(model(pixels, training=False)).numpy()
@@ -90,7 +91,7 @@ def test_optimal_inputs_are_classified_as_their_class(cnn_analysis, data_dir):
 
 
 def test_analysis_images_are_in_tensorboard(cnn_analysis):
-    folder, _, _ = cnn_analysis
+    folder, _, _, _ = cnn_analysis
     events = EventAccumulator(folder.path("logs", "analysis"))
     events.Reload()
     assert set(COMMON + ["feature_maps"]) <= set(events.Tags()["tensors"])
@@ -108,7 +109,7 @@ def test_dense_analysis_in_a_bucket_has_real_hidden_fingerprints(dense_run, data
     names = reader.get_variable_to_shape_map()
     kernel = next(reader.get_tensor(n) for n in names if names[n] == [784, 300])
     bias = next(reader.get_tensor(n) for n in names if names[n] == [300] and "optimizer" in n and "/1/" in n)
-    test = load_inputs(dense_run, data_dir).test
+    test = load_inputs(dense_run, config_from_dict(dense_run.read_json("config.json"))).test
     images = test.images[fingerprints["images"]].reshape(-1, 784).astype(np.float32) / 255
     np.testing.assert_allclose(activations, np.maximum(images @ kernel + bias, 0), atol=1e-4)
     labels = test.labels[fingerprints["images"]]

@@ -5,13 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import ROOT, error_lines, run_cli
+from conftest import checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["analyze"], ["data"]])
@@ -57,27 +54,19 @@ def test_bad_input_gets_one_line_exit_2_and_keeps_earlier_results(tmp_path, data
     assert {n: open(os.path.join(output_dir, "keep", n), "rb").read() for n in before} == before
 
 
-def _checkpoint_steps(folder: str) -> list[int]:
-    if not os.path.isdir(folder):
-        return []
-    return sorted(int(n.split("-")[1].split(".")[0]) for n in os.listdir(folder) if n.endswith(".index"))
-
-
 def test_sigterm_saves_then_rerun_resumes_the_step_count(tmp_path, data_dir):
     args = ["train", "--model", "mlp300", "--epochs", "2", "--batch-size", "100", "--checkpoint-every", "100",
             "--steps-per-loop", "20", "--output-dir", str(tmp_path), "--run", "r", "--data-dir", data_dir,
             "--cpu-replicas", "2"]
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    checkpoints = str(tmp_path / "r" / "checkpoints")
-    deadline = time.time() + 300
-    while not _checkpoint_steps(checkpoints) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.2)
+    process = start_trainer(*args)
+    checkpoints = tmp_path / "r" / "checkpoints"
+    saved_steps = lambda: checkpoint_steps(os.listdir(checkpoints) if checkpoints.is_dir() else [])  # noqa: E731
+    assert wait_until(saved_steps, process=process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 75, stderr[-2000:]
     assert "interrupted by SIGTERM" in error_lines(stderr)[0]
-    saved = _checkpoint_steps(checkpoints)[-1]
+    saved = saved_steps()[-1]
     assert 0 < saved < 1200
     assert not os.path.exists(tmp_path / "r" / "metrics.json")
 
@@ -86,5 +75,7 @@ def test_sigterm_saves_then_rerun_resumes_the_step_count(tmp_path, data_dir):
     assert f"resuming {tmp_path / 'r'} from step {saved} of 1200" in result.stderr
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
     assert metrics["steps"] == 1200 and metrics["resumed_from_step"] == saved
-    assert _checkpoint_steps(checkpoints)[-1] == 1200
+    # The history survives the interruption: each epoch once, whichever side of the signal it ended on.
+    assert [(e["epoch"], e["step"]) for e in metrics["history"]] == [(1, 600), (2, 1200)]
+    assert saved_steps()[-1] == 1200
     assert metrics["test_accuracy"] > 0.9

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import ROOT
+from conftest import start_trainer
 from gcs import free_port
 from trainer.config import ConfigError, RuntimeConfig
 from trainer.distribute import INDEX_ENV, WORKERS_ENV, configure_cluster, lost_peer, make_strategy, tf_config
@@ -63,13 +61,11 @@ def test_two_worker_processes_train_together_and_only_the_chief_writes(tmp_path,
     output = tmp_path / "runs"
     processes = []
     for index in range(2):
-        env = {**os.environ, WORKERS_ENV: workers, INDEX_ENV: str(index)}
-        env.pop("TF_CONFIG", None)
+        env = {WORKERS_ENV: workers, INDEX_ENV: str(index)}  # the launcher's environment (no TF_CONFIG)
         args = ["train", "--model", "mlp300", "--epochs", "1", "--batch-size", "200", "--steps-per-loop", "50",
                 "--output-dir", str(output), "--run", "mw", "--data-dir", data_dir,
                 "--scratch-dir", str(tmp_path / f"scratch{index}")]
-        processes.append(subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        processes.append(start_trainer(*args, env=env))
     outputs = [p.communicate(timeout=600) for p in processes]
     for process, (_, stderr) in zip(processes, outputs):
         assert process.returncode == 0, stderr[-3000:]

@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer import data as data_lib
+from trainer import input_pipeline
 from trainer.config import OptimizerConfig, RuntimeConfig, build_config
+from trainer.datasets import Split
 from trainer.distribute import make_strategy
+from trainer.learner import make_train_steps
 from trainer.models import build_model
 from trainer.optimizers import build_optimizer, learning_rate_schedule
-from trainer.train import _make_train_chunk
 
 BATCH = 128
 
@@ -22,7 +23,7 @@ def _train(mnist: dict, model_name: str, precision: str, jit_compile: bool, opti
            steps: int) -> tuple[keras.Model, keras.optimizers.Optimizer, float, float]:
     """`steps` steps on real MNIST digits; returns the model, optimiser, summed loss and accuracy."""
     train = mnist["train"]
-    split = data_lib.Split(train.images[: steps * BATCH], train.labels[: steps * BATCH], train.source)
+    split = Split(train.images[: steps * BATCH], train.labels[: steps * BATCH], train.source)
     strategy = make_strategy(RuntimeConfig(cpu_replicas=2))
     keras.utils.set_random_seed(0)
     with strategy.scope():
@@ -30,9 +31,10 @@ def _train(mnist: dict, model_name: str, precision: str, jit_compile: bool, opti
         config = OptimizerConfig(optimizer=optimizer, learning_rate=0.01 if optimizer == "adam" else 0.1)
         optimizer_ = build_optimizer(config, steps, steps, loss_scaling=precision == "mixed_float16")
         optimizer_.build(model.trainable_variables)
-    dataset = strategy.distribute_datasets_from_function(data_lib.train_index_fn(len(split), BATCH, 1, seed=0))
-    chunk = _make_train_chunk(strategy, model, optimizer_, BATCH, data_lib.resident_split(strategy, split), jit_compile)
-    loss_sum, correct = chunk(iter(dataset), tf.constant(steps))
+    dataset = strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(len(split), BATCH, 1, seed=0))
+    train_steps = make_train_steps(strategy, model, optimizer_, BATCH, input_pipeline.resident_split(strategy, split),
+                                   jit_compile)
+    loss_sum, correct = train_steps(iter(dataset), tf.constant(steps))
     return model, optimizer_, float(loss_sum), float(correct) / (steps * BATCH)
 
 

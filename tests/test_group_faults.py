@@ -16,7 +16,7 @@ import time
 import pytest
 from google.cloud import storage
 
-from conftest import error_lines, run_cli
+from conftest import error_lines, run_cli, wait_until
 from group import Group
 from trainer.cli import PEER_LOST_HOLD
 from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST
@@ -41,10 +41,8 @@ def _trials() -> list[tuple[int, int, str, int]]:
 
 
 def _wait_for_checkpoint(blob: storage.Blob, group: Group, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not blob.exists():
-        assert time.monotonic() < deadline and len(group.alive()) == group.workers, "no checkpoint was shipped"
-        time.sleep(0.2)
+    shipped = wait_until(lambda: blob.exists() or len(group.alive()) < group.workers, timeout)
+    assert shipped and len(group.alive()) == group.workers, "no checkpoint was shipped"
 
 
 @pytest.mark.parametrize("trial, workers, fault, victim", _trials(),

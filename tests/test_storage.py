@@ -15,10 +15,11 @@ import pytest
 import tensorflow as tf
 from google.cloud import storage
 
-from conftest import ROOT, error_lines, run_cli
+from conftest import ROOT, checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
 from gcs import Emulator, FlakyProxy
-from trainer.shipper import POINTER, Shipper, parse_pointer, restore_run
-from trainer.storage import GCSStore, LocalStore, RunFolder
+from trainer.run_dir import POINTER, RunFolder, checkpoint_step, parse_pointer, restore
+from trainer.shipper import Shipper
+from trainer.storage import GCSStore, LocalStore
 
 TRAIN = ["train", "--model", "mlp300", "--batch-size", "100", "--steps-per-loop", "20"]
 TOTAL = 600  # steps of one mlp300 epoch at batch 100
@@ -116,23 +117,15 @@ def test_event_files_are_appended_not_resent(bucket, emulator, tmp_path, monkeyp
     assert not list(storage.Client().list_blobs(bucket, prefix="p/.uploads"))
 
 
-def _checkpoint_steps(store_files: dict) -> list[int]:
-    return sorted(int(n.split("-")[1].split(".")[0]) for n in store_files if n.endswith(".index"))
-
-
 def test_resume_on_an_empty_machine_from_the_bucket(bucket, data_dir, tmp_path):
     args = [*TRAIN, "--epochs", "2", "--output-dir", f"gs://{bucket}/exp", "--run", "r", "--data-dir", data_dir,
             "--checkpoint-every", "100", "--ship-every", "0.5"]
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args, "--scratch-dir", str(tmp_path / "a")],
-                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = start_trainer(*args, "--scratch-dir", str(tmp_path / "a"))
     store = GCSStore(f"gs://{bucket}/exp/r")
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not _checkpoint_steps(store.list("checkpoints/")):
-        time.sleep(0.2)
+    assert wait_until(lambda: checkpoint_steps(store.list("checkpoints/")), process=process)
     process.kill()  # the machine is gone, its scratch too
     process.wait()
-    saved = parse_pointer(store.read(POINTER))[0]
-    step = int(saved.split("-")[1])
+    step = checkpoint_step(parse_pointer(store.read(POINTER))[0])
     assert 0 < step < 2 * TOTAL
     result = run_cli(*args, "--scratch-dir", str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -146,12 +139,9 @@ def test_resume_on_an_empty_machine_from_the_bucket(bucket, data_dir, tmp_path):
 def test_sigterm_saves_ships_and_exits_75_then_resumes(bucket, data_dir, tmp_path):
     args = [*TRAIN, "--epochs", "2", "--output-dir", f"gs://{bucket}/exp", "--run", "r", "--data-dir", data_dir,
             "--checkpoint-every", "1000", "--ship-every", "0.5", "--scratch-dir", str(tmp_path)]
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = start_trainer(*args)
     store = GCSStore(f"gs://{bucket}/exp/r")
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None and not store.list("logs/train/"):
-        time.sleep(0.2)
+    assert wait_until(lambda: store.list("logs/train/"), process=process)
     time.sleep(1.0)
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
@@ -159,7 +149,7 @@ def test_sigterm_saves_ships_and_exits_75_then_resumes(bucket, data_dir, tmp_pat
     assert time.monotonic() - signalled < 25  # within the default grace
     assert process.returncode == 75, stderr[-3000:]
     assert f"shipped to gs://{bucket}/exp/r" in error_lines(stderr)[0]
-    step = int(parse_pointer(store.read(POINTER))[0].split("-")[1])
+    step = checkpoint_step(parse_pointer(store.read(POINTER))[0])
     assert 0 < step < 2 * TOTAL and step % 20 == 0  # saved at the step it stopped, not at a schedule
     result = run_cli(*args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -193,7 +183,7 @@ def _check_ordered_commit(bucket: str, prefix: str, workdir: str) -> str:
 
 def _latest_step(bucket: str) -> int:
     pointer = GCSStore(f"gs://{bucket}/exp/r").read(POINTER)
-    return int(parse_pointer(pointer)[0].split("-")[1]) if pointer else 0
+    return checkpoint_step(parse_pointer(pointer)[0]) if pointer else 0
 
 
 def test_kill_9_at_random_moments_never_exposes_a_partial_checkpoint(bucket, data_dir, tmp_path):
@@ -216,11 +206,9 @@ def test_kill_9_at_random_moments_never_exposes_a_partial_checkpoint(bucket, dat
     try:
         for _ in range(3):
             before = _latest_step(bucket)
-            process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            deadline = time.time() + 120  # wait until this process has shipped a checkpoint, then kill at random
-            while time.time() < deadline and process.poll() is None and _latest_step(bucket) <= before:
-                time.sleep(0.1)
+            process = start_trainer(*args, quiet=True)
+            # Wait until this process has shipped a checkpoint, then kill it at a random moment.
+            wait_until(lambda: _latest_step(bucket) > before, 120, process, interval=0.1)
             time.sleep(rng.uniform(0.0, 3.0))
             process.kill()
             process.wait()
@@ -271,11 +259,8 @@ def test_a_server_that_goes_down_fails_at_the_end_and_keeps_everything(data_dir,
                    env={**os.environ, **env}, check=True)
     args = [*TRAIN, "--epochs", "1", "--output-dir", "gs://doomed/exp", "--run", "r", "--data-dir", data_dir,
             "--scratch-dir", str(tmp_path), "--ship-every", "0.5", "--store-timeout", "3"]
-    process = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env={**os.environ, **env})
-    deadline = time.time() + 300
-    while time.time() < deadline and not os.path.exists(tmp_path / "r" / "logs" / "train"):
-        time.sleep(0.2)
+    process = start_trainer(*args, env=env)
+    assert wait_until(lambda: os.path.exists(tmp_path / "r" / "logs" / "train"), process=process)
     time.sleep(1.0)
     server.stop()
     _, stderr = process.communicate(timeout=600)
@@ -309,6 +294,6 @@ def test_restore_run_brings_only_the_latest_checkpoint(tmp_path):
                          b'all_model_checkpoint_paths: "ckpt-200"\n')
     store.write("config.json", b"{}")
     local = RunFolder(str(tmp_path / "scratch"))
-    assert restore_run(store, local) == ["ckpt-100", "ckpt-200"]
+    assert restore(store, local) == ["ckpt-100", "ckpt-200"]
     assert sorted(os.listdir(local.checkpoints)) == ["checkpoint", "ckpt-200.data-00000-of-00001", "ckpt-200.index"]
     assert os.path.exists(local.path("config.json")) and not os.path.exists(local.path("metrics.json"))

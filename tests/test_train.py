@@ -32,6 +32,11 @@ def test_cnn_on_two_replicas_reaches_the_tutorials_first_epoch_accuracy(cnn_run)
     assert len(metrics["precision"]) == len(metrics["recall"]) == 10
     assert metrics["examples_per_sec"] > 0 and metrics["wall_seconds"] > 0
     assert folder.read_json("metrics.json") == metrics
+    [epoch] = metrics["history"]  # one entry per epoch, recorded as it ended
+    assert (epoch["epoch"], epoch["step"]) == (1, metrics["steps"])
+    assert epoch["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert 0.9 < epoch["train_accuracy"] < 1 and 0 < epoch["train_loss"] < 0.5
+    assert folder.read_json("history.json") == {"history": metrics["history"]}
     for name in ("config.json", "checkpoints/checkpoint", "model/saved_model.pb"):
         assert os.path.exists(folder.path(name)), name
 

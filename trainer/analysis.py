@@ -1,6 +1,6 @@
 """The reference tutorials' analyses of a trained run, as PNG files and TensorBoard images.
 
-analyze(folder) reads a local run folder (config, metrics, latest checkpoint, logs), rebuilds the
+analyze(folder, config) reads a local run folder (per-epoch history, latest checkpoint), rebuilds the
 model and writes analysis/*.png, analysis/summary.json and logs/analysis/ images.
 """
 
@@ -18,15 +18,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from trainer import data as data_lib  # noqa: E402
-from trainer.config import Config, ConfigError, config_from_dict  # noqa: E402
-from trainer.evaluate import summarize  # noqa: E402
+from trainer.config import Config, ConfigError  # noqa: E402
+from trainer.datasets import IMAGE_SHAPE, NUM_CLASSES, Split, load_split  # noqa: E402
+from trainer.evaluate import EVAL_BATCH, summarize  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-from trainer.storage import RunFolder, to_json  # noqa: E402
+from trainer.run_dir import ANALYSIS, LOGS, RunFolder, to_json  # noqa: E402
 
-NUM_CLASSES = data_lib.NUM_CLASSES
+# What analyze() writes (and the order of summary.json); the reader's results the run folder publishes.
+OUTPUTS = (ANALYSIS, f"{LOGS}/{ANALYSIS}")
 FINGERPRINTS_PER_CLASS = 20
 OPTIMAL_STEPS = 400
 
@@ -37,24 +37,21 @@ class Inputs:
 
     config: Config
     model: keras.Model
-    train: data_lib.Split
-    test: data_lib.Split
+    train: Split
+    test: Split
     probabilities: np.ndarray  # [test examples, 10]
 
 
-def load_inputs(folder: RunFolder, data_dir: str | None = None) -> Inputs:
-    """Rebuild the run's model from its latest checkpoint and predict the test set."""
-    saved = folder.read_json("config.json")
+def load_inputs(folder: RunFolder, config: Config) -> Inputs:
+    """Rebuild the run's model (configured by `config`) from its latest checkpoint and predict the test set."""
     latest = tf.train.latest_checkpoint(folder.checkpoints)
-    if saved is None or latest is None:
-        raise ConfigError(f"{folder.root} has no config.json and checkpoint to analyze")
-    config = config_from_dict(saved)
-    data_config = dataclasses.replace(config.data, data_dir=data_dir or config.data.data_dir)
+    if latest is None:
+        raise ConfigError(f"{folder.root} has no checkpoint to analyze")
     model = build_model(config.model.model)
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
-    test = data_lib.load_split(data_config, "test")
-    logits = model.predict(test.images, batch_size=500, verbose=0)
-    return Inputs(config, model, data_lib.load_split(data_config, "train"), test,
+    test = load_split(config.data, "test")
+    logits = model.predict(test.images, batch_size=EVAL_BATCH, verbose=0)
+    return Inputs(config, model, load_split(config.data, "train"), test,
                   tf.nn.softmax(logits).numpy())
 
 
@@ -105,29 +102,15 @@ def label_distribution(inputs: Inputs, path: str) -> dict[str, list[float]]:
     return {name: [round(v, 4) for v in values] for name, values in shares.items()}
 
 
-def _scalars(logdir: str, tag: str) -> list[tuple[int, float]]:
-    events = EventAccumulator(logdir, size_guidance={"tensors": 0})
-    events.Reload()
-    if tag not in events.Tags()["tensors"]:
-        return []
-    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in events.Tensors(tag)]
-
-
-def curves(folder: RunFolder, steps_per_epoch: int, path: str) -> dict[str, list[float]]:
-    """Train and test loss and accuracy per epoch, read back from the run's TensorBoard logs."""
-    series: dict[str, list[float]] = {}
-    for split in ("train", "test"):
-        for tag in ("loss", "accuracy"):
-            points = _scalars(os.path.join(folder.logs, split), tag)
-            by_epoch: dict[int, list[float]] = {}
-            for step, value in points:  # train points are per logging interval: average each epoch's
-                by_epoch.setdefault((step - 1) // steps_per_epoch + 1, []).append(value)
-            series[f"{split}_{tag}"] = [float(np.mean(by_epoch[e])) for e in sorted(by_epoch)]
+def curves(history: list[dict[str, Any]], path: str) -> dict[str, list[float]]:
+    """Train and test loss and accuracy per epoch, from the run's recorded history."""
+    series = {f"{split}_{tag}": [entry[f"{split}_{tag}"] for entry in history]
+              for split in ("train", "test") for tag in ("loss", "accuracy")}
+    epochs = [entry["epoch"] for entry in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, tag in zip(axes, ("loss", "accuracy")):
         for split in ("train", "test"):
-            values = series[f"{split}_{tag}"]
-            ax.plot(range(1, len(values) + 1), values, marker="o", label=split)
+            ax.plot(epochs, series[f"{split}_{tag}"], marker="o", label=split)
         ax.set(xlabel="epoch", ylabel=tag, title=tag.capitalize())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
@@ -168,7 +151,7 @@ def confusion(inputs: Inputs, path: str) -> dict[str, Any]:
 
 
 def _layer_output(model: keras.Model, layer: keras.layers.Layer, images: np.ndarray) -> np.ndarray:
-    return keras.Model(model.inputs, layer.output).predict(images, batch_size=500, verbose=0)
+    return keras.Model(model.inputs, layer.output).predict(images, batch_size=EVAL_BATCH, verbose=0)
 
 
 def feature_maps(inputs: Inputs, path: str, index: int = 0) -> dict[str, Any] | None:
@@ -220,7 +203,7 @@ def optimal_inputs(inputs: Inputs, path: str, l2: float, steps: int = OPTIMAL_ST
     """Per class, the input maximising that class's logit minus l2 * ||x||^2 (pixels in [0, 1]),
     found by gradient ascent on the input, shown under the class-mean test images."""
     body = keras.Model(inputs.model.get_layer("rescale").output, inputs.model.output)  # takes [0, 1] floats
-    x = tf.Variable(tf.fill((NUM_CLASSES,) + data_lib.IMAGE_SHAPE, 0.1))
+    x = tf.Variable(tf.fill((NUM_CLASSES,) + IMAGE_SHAPE, 0.1))
     optimizer = keras.optimizers.Adam(0.05)
     classes = tf.range(NUM_CLASSES)
 
@@ -260,21 +243,20 @@ def to_tensorboard(logdir: str, pngs: dict[str, str]) -> None:
             tf.summary.image(name, image[tf.newaxis], max_outputs=1)
 
 
-def analyze(folder: RunFolder, l2: float = 0.25, data_dir: str | None = None) -> dict[str, Any]:
-    """Write every analysis of a local run folder; return summary.json's contents."""
-    inputs = load_inputs(folder, data_dir)
-    out = folder.path("analysis")
+def analyze(folder: RunFolder, config: Config, l2: float = 0.25) -> dict[str, Any]:
+    """Write every analysis of a local run folder trained with `config`; return summary.json's contents."""
+    inputs = load_inputs(folder, config)
+    out = folder.path(ANALYSIS)
     os.makedirs(out, exist_ok=True)
     pngs = {name: os.path.join(out, f"{name}.png") for name in (
         "predictions", "label_distribution", "curves", "confusion_matrix", "feature_maps",
         "hidden_fingerprints", "optimal_inputs")}
-    steps_per_epoch = data_lib.steps_per_epoch(len(inputs.train), inputs.config.run.batch_size)
     optimal = optimal_inputs(inputs, pngs["optimal_inputs"], l2)
     summary: dict[str, Any] = {
         "model": inputs.config.model.model,
         "predictions": predictions(inputs, pngs["predictions"]),
         "label_distribution_percent": label_distribution(inputs, pngs["label_distribution"]),
-        "curves": curves(folder, steps_per_epoch, pngs["curves"]),
+        "curves": curves(folder.history(), pngs["curves"]),
         "confusion": confusion(inputs, pngs["confusion_matrix"]),
         "feature_maps": feature_maps(inputs, pngs["feature_maps"]),
         "hidden_fingerprints": hidden_fingerprints(inputs, pngs["hidden_fingerprints"]),
@@ -285,6 +267,6 @@ def analyze(folder: RunFolder, l2: float = 0.25, data_dir: str | None = None) ->
     summary["files"] = sorted(os.path.basename(p) for p in written.values())
     with open(os.path.join(out, "summary.json"), "w") as f:
         f.write(to_json(summary))
-    to_tensorboard(folder.path("logs", "analysis"), written)
+    to_tensorboard(folder.path(LOGS, ANALYSIS), written)
     return summary
 

@@ -1,12 +1,16 @@
-"""Frozen run configuration: dataclasses, model presets and validation (no TensorFlow here)."""
+"""Every setting, once: frozen dataclasses whose fields are the trainer's flags (help text included), model
+presets, validation, the exit-code table and how a usage error is reported. No TensorFlow here: the launcher
+builds and checks trainer flags with this module alone."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import os
 import re
-from typing import Any
+import sys
+from typing import Any, Mapping, NoReturn
 
 DATASETS = ("mnist", "fashion_mnist")
 DATA_SOURCES = ("auto", "tfds", "idx")
@@ -15,79 +19,134 @@ SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 PRECISIONS = ("float32", "mixed_float16")
 
-# Exit codes (documented in README): 2 = bad usage/config/input, never retried;
-# 75 (EX_TEMPFAIL) = stopped by SIGTERM after saving a checkpoint, safe to retry.
-# 74 (EX_IOERR) = the store stayed unreachable; results are kept in local scratch.
-# 69 (EX_UNAVAILABLE) = a peer of a multi-worker group was lost (or never joined): restart the group.
-EXIT_USAGE = 2
-EXIT_PEER_LOST = 69
-EXIT_STORE = 74
-EXIT_INTERRUPTED = 75
+# Exit codes of `python -m trainer` and `python -m trainer.launch`: the one table (README "Exit codes",
+# and the manifests' failure policies, agree with it).
+EXIT_USAGE = 2  # bad usage, config or input (or the Kubernetes API refused): never retried
+EXIT_NO_CLUSTER = 3  # launcher: no kube config, or the API server did not answer in time
+EXIT_RUN_FAILED = 4  # launcher `wait`: the run failed
+EXIT_WAIT_TIMEOUT = 5  # launcher `wait`: still running when --timeout passed
+EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a peer of a multi-worker group was lost (or never joined): restart the group
+EXIT_STORE = 74  # EX_IOERR: the store stayed unreachable; results are kept in local scratch
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; safe to retry
 
 
-class ConfigError(ValueError):
+# Each reference tutorial's published recipe, plus our own stronger model.
+PRESETS: dict[str, dict[str, Any]] = {
+    # 784-256-256-256-10, ReLU, Glorot, SGD 0.001, batch 64, 70 epochs.
+    "mlp3x256": dict(optimizer="sgd", learning_rate=0.001, batch_size=64, epochs=70),
+    # Conv32-MaxPool-Dense128-Dense10, Adam, batch 64, 10 epochs (98.7%, 693,962 parameters).
+    "cnn": dict(optimizer="adam", learning_rate=0.001, batch_size=64, epochs=10),
+    # 784-300-10, ReLU, SGD 0.1, batch 100, 50 epochs (~98%).
+    "mlp300": dict(optimizer="sgd", learning_rate=0.1, batch_size=100, epochs=50),
+    # Ours: three conv blocks with batch norm, shift augmentation, cosine-decayed Adam (>= 99.5%).
+    "convnet_bn": dict(
+        optimizer="adam", learning_rate=0.003, schedule="cosine", batch_size=128, epochs=12, augment=True
+    ),
+    # Ours, for time to accuracy: small LeNet with batch norm, one epoch of warmed-up cosine Adam (~99.1%).
+    "lenet_bn": dict(
+        optimizer="adam", learning_rate=0.01, schedule="cosine", warmup_epochs=0.1, batch_size=64, epochs=1
+    ),
+}
+
+
+class TrainerError(Exception):
+    """A failure reported to the user as one line, ending the process with `exit_code`."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(TrainerError, ValueError):
     """A user-facing configuration or input error (exit code 2)."""
+
+    exit_code = EXIT_USAGE
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{self.prog}: {message}")
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print one `error:` line to stderr and exit with `code`."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def _setting(default: Any, help: str) -> Any:
+    """A config field with its flag's help text."""
+    return dataclasses.field(default=default, metadata={"help": help})
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which images, from where, and how they are fed."""
 
-    dataset: str = "mnist"
-    data_dir: str = os.path.join("~", "tensorflow_datasets")
-    data_source: str = "auto"
-    augment: bool = False
+    dataset: str = _setting("mnist", f"dataset: {', '.join(DATASETS)}")
+    data_dir: str = _setting(os.path.join("~", "tensorflow_datasets"), "folder for TFDS data and imported IDX files")
+    data_source: str = _setting(
+        "auto", "auto (TFDS if prepared, else IDX files / packaged copy, else TFDS download), tfds or idx")
+    augment: bool = _setting(False, "random shifts of up to 2 pixels")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Which architecture from the MODELS registry."""
 
-    model: str = "cnn"
+    model: str = _setting("cnn", f"model preset: {', '.join(PRESETS)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """Optimiser and learning-rate schedule."""
 
-    optimizer: str = "adam"
-    learning_rate: float = 0.001
-    momentum: float = 0.0
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0  # linear warm-up from 0 to learning_rate, then the schedule
+    optimizer: str = _setting("adam", "sgd or adam")
+    learning_rate: float = _setting(0.001, "peak learning rate")
+    momentum: float = _setting(0.0, "SGD momentum")
+    schedule: str = _setting("constant", "constant or cosine learning-rate decay")
+    warmup_epochs: float = _setting(0.0, "epochs of linear learning-rate warm-up from 0 (before the schedule)")
     # learning_rate is the preset's rate at the preset's batch size; with "linear" or "sqrt" it is
     # scaled by (batch_size / preset batch) or its square root when --batch-size differs.
-    lr_scaling: str = "none"
+    lr_scaling: str = _setting(
+        "none", "none, linear or sqrt: scale the learning rate with --batch-size / the preset's batch size")
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Length of training, batch, seed and where results go."""
 
-    epochs: int = 10
-    batch_size: int = 64  # global: split evenly over all replicas
-    seed: int = 0
-    output_dir: str = "runs"  # a folder or gs://BUCKET/PREFIX
-    run: str = ""
-    checkpoint_every: int = 500  # steps
-    steps_per_loop: int = 50  # steps inside one tf.function call; also the logging interval
-    scratch_dir: str = ""  # fast local folder training writes to; "" = the system temp dir
-    ship_every: float = 10.0  # seconds between background shipping passes
-    grace_seconds: float = 25.0  # after SIGTERM: save, ship, exit within this (fits a 30 s grace period)
-    store_timeout: float = 300.0  # seconds the final shipping keeps retrying an unreachable store
+    epochs: int = _setting(10, "passes over the training set")
+    batch_size: int = _setting(64, "global batch size, split evenly over replicas")
+    seed: int = _setting(0, "seed for initialisation, shuffling and augmentation")
+    output_dir: str = _setting("runs", "parent folder of run folders: a folder or gs://BUCKET/PREFIX")
+    run: str = _setting("", "run folder name; reuse it to resume")
+    checkpoint_every: int = _setting(500, "steps between checkpoints")
+    steps_per_loop: int = _setting(50, "steps per tf.function call and per log entry")
+    scratch_dir: str = _setting("", "fast local folder for the run while it trains ('' = system temp dir)")
+    ship_every: float = _setting(10.0, "seconds between background uploads to the output dir")
+    # 25 s fits Kubernetes' default 30 s termination grace period.
+    grace_seconds: float = _setting(25.0, "after SIGTERM: save, upload and exit within this many seconds")
+    store_timeout: float = _setting(300.0, "seconds the final upload retries an unreachable store before giving up")
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Devices: 0 = all GPUs (or the CPU); N > 0 = split the CPU into N logical devices."""
 
-    cpu_replicas: int = 0
-    precision: str = "float32"  # or a Keras mixed-precision policy (float16 gets dynamic loss scaling)
-    jit_compile: bool = False  # XLA-compile the forward and backward pass (helps on GPUs, not on CPUs)
-    # Multi-worker only: a peer silent for peer_timeout seconds (coordination-service heartbeats) is lost;
-    # at start every worker waits up to startup_timeout seconds for all of its peers to join.
-    peer_timeout: float = 30.0
-    startup_timeout: float = 600.0
+    cpu_replicas: int = _setting(0, "0: all GPUs (or the CPU); N: N logical CPU devices")
+    precision: str = _setting("float32", "float32, or mixed_float16 (float16 compute on GPUs with dynamic loss "
+                                         "scaling)")
+    jit_compile: bool = _setting(False, "XLA-compile the forward and backward pass (faster on GPUs, slower on CPUs)")
+    peer_timeout: float = _setting(
+        30.0, f"multi-worker: seconds without heartbeats after which a peer is lost (exit {EXIT_PEER_LOST})")
+    startup_timeout: float = _setting(
+        600.0, f"multi-worker: seconds to wait at start for every peer to join (then exit {EXIT_PEER_LOST})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,23 +182,45 @@ def flag(name: str) -> str:
     """The command-line flag of a config field: learning_rate -> --learning-rate."""
     return "--" + name.replace("_", "-")
 
-# Each reference tutorial's published recipe, plus our own stronger model.
-PRESETS: dict[str, dict[str, Any]] = {
-    # 784-256-256-256-10, ReLU, Glorot, SGD 0.001, batch 64, 70 epochs.
-    "mlp3x256": dict(optimizer="sgd", learning_rate=0.001, batch_size=64, epochs=70),
-    # Conv32-MaxPool-Dense128-Dense10, Adam, batch 64, 10 epochs (98.7%, 693,962 parameters).
-    "cnn": dict(optimizer="adam", learning_rate=0.001, batch_size=64, epochs=10),
-    # 784-300-10, ReLU, SGD 0.1, batch 100, 50 epochs (~98%).
-    "mlp300": dict(optimizer="sgd", learning_rate=0.1, batch_size=100, epochs=50),
-    # Ours: three conv blocks with batch norm, shift augmentation, cosine-decayed Adam (>= 99.5%).
-    "convnet_bn": dict(
-        optimizer="adam", learning_rate=0.003, schedule="cosine", batch_size=128, epochs=12, augment=True
-    ),
-    # Ours, for time to accuracy: small LeNet with batch norm, one epoch of warmed-up cosine Adam (~99.1%).
-    "lenet_bn": dict(
-        optimizer="adam", learning_rate=0.01, schedule="cosine", warmup_epochs=0.1, batch_size=64, epochs=1
-    ),
-}
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field, named after it, with the field's help; unset flags fall back to the preset."""
+    for section in SECTION_CLASSES.values():
+        for field in dataclasses.fields(section):
+            help_ = f"{field.metadata['help']} (default: {_preset_hint(field)})"
+            if field.type == "bool":
+                parser.add_argument(flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                    help=help_)
+            else:
+                kind = {"int": int, "float": float}.get(str(field.type), str)
+                parser.add_argument(flag(field.name), dest=field.name, type=kind, help=help_)
+
+
+def _preset_hint(field: dataclasses.Field) -> str:
+    default = repr(field.default) if field.default != "" else "generated"
+    per_model = [f"{m}: {p[field.name]}" for m, p in PRESETS.items() if field.name in p]
+    if len(per_model) == len(PRESETS):
+        return ", ".join(per_model)
+    return "; ".join([default] + per_model)
+
+
+def flag_names() -> set[str]:
+    """Every flag add_flags defines, negations of the boolean ones included."""
+    names = {flag(name) for name in FIELD_SECTION}
+    return names | {"--no-" + flag(f.name)[2:] for s in SECTION_CLASSES.values() for f in dataclasses.fields(s)
+                    if f.type == "bool"}
+
+
+def config_from_args(args: argparse.Namespace | Mapping[str, Any], **overrides: Any) -> Config:
+    """The Config of parsed flags (or a mapping of field values), with `overrides` on top; validated."""
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args)
+    return build_config({k: v for k, v in given.items() if k in FIELD_SECTION} | overrides)
+
+
+def check_replicas(batch_size: int, replicas: int) -> None:
+    """Raise ConfigError unless the global batch splits evenly over `replicas`."""
+    if replicas and batch_size % replicas:
+        raise ConfigError(f"global --batch-size {batch_size} is not divisible by {replicas} replicas")
 
 # Fields that change what is learned: a resumed run must agree on all of them.
 RESUME_KEYS = (
@@ -209,10 +290,7 @@ def validate(config: Config) -> None:
         raise ConfigError(f"--momentum must be in [0, 1), got {c['momentum']}")
     if c["cpu_replicas"] < 0:
         raise ConfigError(f"--cpu-replicas must be >= 0, got {c['cpu_replicas']}")
-    if c["cpu_replicas"] and c["batch_size"] % c["cpu_replicas"]:
-        raise ConfigError(
-            f"global --batch-size {c['batch_size']} is not divisible by {c['cpu_replicas']} replicas"
-        )
+    check_replicas(c["batch_size"], c["cpu_replicas"])
     if not c["run"] or "/" in c["run"] or c["run"] in (".", ".."):
         raise ConfigError(f"--run must be a plain folder name, got {c['run']!r}")
 

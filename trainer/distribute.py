@@ -1,4 +1,5 @@
-"""make_strategy(runtime config) -> tf.distribute.Strategy, created once and passed down.
+"""make_strategy(runtime config) -> tf.distribute.Strategy, created once and passed down; which worker is the
+chief; decisions all workers take alike; and lost peers (PeerLost, exit 69).
 
 One node: MirroredStrategy over its GPUs (or N logical CPUs). Several nodes: MultiWorkerMirroredStrategy,
 with TF_CONFIG built at start from TRAINER_WORKERS (every worker's host:port, set by the launcher)
@@ -18,15 +19,17 @@ import tensorflow as tf
 from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
 from tensorflow.python.eager import context as tf_context
 
-from trainer.config import ConfigError, RuntimeConfig
+from trainer.config import EXIT_PEER_LOST, ConfigError, RuntimeConfig, TrainerError
 
 WORKERS_ENV = "TRAINER_WORKERS"
 INDEX_ENV = "JOB_COMPLETION_INDEX"
 _ADDRESS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[0-9]{1,5}$")
 
 
-class PeerLost(Exception):
+class PeerLost(TrainerError):
     """A worker of the group died, froze or never joined; the group must be restarted as a whole."""
+
+    exit_code = EXIT_PEER_LOST
 
 
 def tf_config(workers: list[str], index: int) -> dict[str, Any]:

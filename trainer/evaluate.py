@@ -1,4 +1,5 @@
-"""Test-set metrics: loss, accuracy, confusion matrix, per-class precision and recall."""
+"""Test-set metrics (loss, accuracy, confusion matrix, per-class precision and recall) of the live model on a
+strategy, or of an exported serving signature."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import NUM_CLASSES, Split, eval_dataset_fn
+from trainer.datasets import NUM_CLASSES, Split
+from trainer.input_pipeline import eval_dataset_fn
 
 
 def summarize(confusion: np.ndarray, loss_sum: float) -> dict[str, Any]:
@@ -38,14 +40,15 @@ def _batch_stats(logits: tf.Tensor, labels: tf.Tensor) -> tuple[tf.Tensor, tf.Te
     return tf.reduce_sum(per_example), confusion
 
 
-EVAL_BATCH_PER_REPLICA = 500  # evaluation needs no gradients: large batches, few calls
+PROBABILITY_FLOOR = 1e-12  # log(probability) of an exported model's outputs stays finite
+EVAL_BATCH = 500  # examples per replica and call: evaluation needs no gradients, so large batches, few calls
 
 
 def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, split: Split) -> Callable[[], dict[str, Any]]:
     """A function evaluating the live model on every example of `split`, each replica taking a share
     of each batch; the whole pass is one tf.function call, traced once."""
     dataset = strategy.distribute_datasets_from_function(
-        eval_dataset_fn(split, EVAL_BATCH_PER_REPLICA * strategy.num_replicas_in_sync))
+        eval_dataset_fn(split, EVAL_BATCH * strategy.num_replicas_in_sync))
     sum_ = tf.distribute.ReduceOp.SUM
 
     @tf.function
@@ -64,12 +67,12 @@ def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, split: 
     return evaluate
 
 
-def evaluate_serving(serve: Callable[..., dict[str, tf.Tensor]], split: Split, batch: int = 500) -> dict[str, Any]:
+def evaluate_serving(serve: Callable[..., dict[str, tf.Tensor]], split: Split, batch: int = EVAL_BATCH) -> dict[str, Any]:
     """Evaluate an exported `serving_default` signature on raw uint8 images."""
 
     def stats(images: np.ndarray, labels: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:
         probabilities = serve(images=tf.constant(images))["probabilities"]
-        return _batch_stats(tf.math.log(tf.maximum(probabilities, 1e-12)), tf.constant(labels))
+        return _batch_stats(tf.math.log(tf.maximum(probabilities, PROBABILITY_FLOOR)), tf.constant(labels))
 
     return _accumulate(
         stats(split.images[i : i + batch], split.labels[i : i + batch]) for i in range(0, len(split), batch)

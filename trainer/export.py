@@ -1,4 +1,4 @@
-"""SavedModel export with a uint8 serving signature, and prediction from PNG files."""
+"""SavedModel export with a uint8 serving signature (written whole or not at all), and prediction from PNG files."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer.data import IMAGE_SHAPE
+from trainer.datasets import IMAGE_SHAPE
+from trainer.storage import partial_path
 
 SIGNATURE = "serving_default"
 
@@ -27,8 +28,7 @@ def export_model(model: keras.Model, path: str) -> None:
     archive.track(model)
     archive.add_endpoint(SIGNATURE, serve)
     # Write beside the target and swap, so a failed export never leaves half a model.
-    staging = f"{path}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = partial_path(path)
     archive.write_out(staging, verbose=False)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(staging, path)

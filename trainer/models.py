@@ -7,7 +7,7 @@ from typing import Callable
 import keras
 from keras import layers
 
-from trainer.data import IMAGE_SHAPE, NUM_CLASSES
+from trainer.datasets import IMAGE_SHAPE, NUM_CLASSES
 
 
 def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:

@@ -1,9 +1,10 @@
-"""Shipper: mirrors a local run folder to its Store while training runs; restore_run brings it back.
+"""Shipper: a background thread mirroring a local run folder to its Store while training runs.
 
 Ordering rules that make the store safe to read (and to resume from) at any moment:
 - checkpoint data and index files are uploaded before the `checkpoints/checkpoint` pointer that
   names them, and old checkpoints are deleted only after the pointer stops naming them;
-- files of model/ go before model/saved_model.pb, and metrics.json (the "finished" mark) goes last;
+- other changed files go in the run folder's `ship_rank` order (model markers after the rest of model/,
+  metrics.json last);
 - TensorBoard event files are sent as they grow, appending only the new bytes where the store can.
 """
 
@@ -11,48 +12,16 @@ from __future__ import annotations
 
 import collections
 import os
-import re
 import threading
 import time
 from typing import Callable
 
-from trainer.storage import RunFolder, Store, StoreUnavailable
-
-POINTER = "checkpoints/checkpoint"
-KEEP_CHECKPOINTS = 3
-_POINTER_PATHS = re.compile(r'^(model_checkpoint_path|all_model_checkpoint_paths): "([^"]+)"$', re.M)
-
-
-def checkpoint_pointer(latest: str, kept: list[str]) -> bytes:
-    """The text of a TensorFlow `checkpoint` state file naming `kept` (oldest first) and `latest`."""
-    lines = [f'model_checkpoint_path: "{latest}"'] + [f'all_model_checkpoint_paths: "{p}"' for p in kept]
-    return ("\n".join(lines) + "\n").encode()
-
-
-def parse_pointer(text: bytes) -> tuple[str | None, list[str]]:
-    """(latest, all kept) checkpoint names from a `checkpoint` state file (paths reduced to base names)."""
-    latest, kept = None, []
-    for key, value in _POINTER_PATHS.findall(text.decode(errors="replace")):
-        name = os.path.basename(value)
-        if key == "model_checkpoint_path":
-            latest = name
-        else:
-            kept.append(name)
-    return latest, kept
-
-
-def _order(name: str) -> tuple[int, str]:
-    # metrics.json marks a finished run and goes last; saved_model.pb completes model/.
-    rank = 2 if name == "metrics.json" else 1 if name in ("model/saved_model.pb", "model/fingerprint.pb") else 0
-    return rank, name
-
+from trainer.run_dir import CHECKPOINTS, KEEP_CHECKPOINTS, POINTER, RunFolder, checkpoint_pointer, ship_rank
+from trainer.storage import Store, StoreUnavailable, is_partial
 
 def _is_shippable(name: str) -> bool:
-    parts = name.split("/")
-    if parts[0] == "checkpoints":  # shipped only by ship_checkpoint, in order
-        return False
-    # In-progress files: our atomic-write temporaries, the export's staging folder.
-    return not any(p.startswith(".") or p.endswith(".tmp") for p in parts)
+    # Checkpoints go only through ship_checkpoint, in order; files in progress never.
+    return name.split("/")[0] != CHECKPOINTS and not is_partial(name)
 
 
 class Shipper:
@@ -132,7 +101,7 @@ class Shipper:
                 name = os.path.relpath(os.path.join(folder, file), self.local.root).replace(os.sep, "/")
                 if _is_shippable(name):
                     names.append(name)
-        return sorted(names, key=_order)
+        return sorted(names, key=lambda name: (ship_rank(name), name))
 
     def _ship_files(self) -> None:
         for name in self._local_files():
@@ -165,35 +134,13 @@ class Shipper:
             return  # rotated away locally before we got to it; a newer one is queued behind it
         try:
             for file in sorted(files, key=lambda f: f.endswith(".index")):  # data first, index last
-                self.store.upload(os.path.join(folder, file), f"checkpoints/{file}")
+                self.store.upload(os.path.join(folder, file), f"{CHECKPOINTS}/{file}")
         except FileNotFoundError:
             return
         kept = [c for c in self._checkpoints if c != checkpoint][-(KEEP_CHECKPOINTS - 1):] + [checkpoint]
         self.store.write(POINTER, checkpoint_pointer(checkpoint, kept))
         self._checkpoints = kept
-        for name in self.store.list("checkpoints/"):
-            base = name[len("checkpoints/"):].split(".")[0]
+        for name in self.store.list(f"{CHECKPOINTS}/"):
+            base = name[len(CHECKPOINTS) + 1:].split(".")[0]
             if name != POINTER and base not in kept:
                 self.store.delete(name)
-
-
-def restore_run(store: Store, local: RunFolder) -> list[str]:
-    """Bring a run's config, metrics and latest complete checkpoint from the store into an empty
-    local folder; return the checkpoints the store's pointer names (oldest first)."""
-    os.makedirs(local.checkpoints, exist_ok=True)
-    for name in ("config.json", "metrics.json"):
-        data = store.read(name)
-        if data is not None:
-            with open(local.path(name), "wb") as f:
-                f.write(data)
-    pointer = store.read(POINTER)
-    if pointer is None:
-        return []
-    latest, kept = parse_pointer(pointer)
-    if latest is None:
-        return []
-    for name in store.list(f"checkpoints/{latest}."):
-        store.download(name, local.path(*name.split("/")))
-    with open(local.path(*POINTER.split("/")), "wb") as f:
-        f.write(checkpoint_pointer(latest, [latest]))
-    return kept

@@ -1,4 +1,4 @@
-"""Where runs live: the local run folder (scratch) and the Store a run is mirrored to.
+"""Stores: where a run's objects live. Also the one rule for files in progress (hidden partial names).
 
 Two Store backends share one interface: LocalStore (a folder, the default) and GCSStore
 (Google Cloud Storage through google-cloud-storage; credentials the library's usual way:
@@ -7,74 +7,40 @@ Application Default Credentials, Workload Identity on GKE; `STORAGE_EMULATOR_HOS
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
 import uuid
 from typing import Any
 
-from trainer.config import ConfigError
+from trainer.config import EXIT_STORE, ConfigError, TrainerError
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # seconds to connect, to read, per HTTP request
-UPLOADS = ".uploads"  # store-side scratch for appended tails; no 'tfevents' in its names
+UPLOADS = ".uploads"  # store-side scratch for appended tails: hidden, so partial; no 'tfevents' in its names
 
 
-class StoreUnavailable(Exception):
+def partial_path(path: str) -> str:
+    """Where to write `path` before an atomic rename: a hidden, unique name beside it."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.partial-{uuid.uuid4().hex[:12]}")
+
+
+def is_partial(name: str) -> bool:
+    """True for a file in progress (any part of its '/'-separated name is hidden): never read, listed or shipped."""
+    return any(part.startswith(".") for part in name.split("/"))
+
+
+class StoreUnavailable(TrainerError):
     """The store could not be reached (after retries)."""
 
-
-def to_json(data: dict[str, Any]) -> str:
-    """Indented JSON with each list of numbers on one line (matrix rows stay readable)."""
-    text = json.dumps(data, indent=2)
-    one_line = lambda m: re.sub(r"\s+", " ", m.group(0)).replace("[ ", "[").replace(" ]", "]")  # noqa: E731
-    return re.sub(r"\[[\d\s.,eE+-]+\]", one_line, text) + "\n"
-
-
-class RunFolder:
-    """A local run folder: config.json, checkpoints/, logs/{train,test}/, model/, metrics.json."""
-
-    def __init__(self, root: str) -> None:
-        self.root = os.path.abspath(os.path.expanduser(root))
-
-    def path(self, *parts: str) -> str:
-        """A path inside the run folder."""
-        return os.path.join(self.root, *parts)
-
-    @property
-    def checkpoints(self) -> str:
-        return self.path("checkpoints")
-
-    @property
-    def logs(self) -> str:
-        return self.path("logs")
-
-    @property
-    def model(self) -> str:
-        return self.path("model")
-
-    def read_json(self, name: str) -> dict[str, Any] | None:
-        """Contents of a JSON file in the run folder, or None if it does not exist."""
-        try:
-            with open(self.path(name)) as f:
-                return json.load(f)
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as error:
-            raise ConfigError(f"unreadable {self.path(name)}: {error}") from error
-
-    def write_json(self, name: str, data: dict[str, Any]) -> None:
-        """Write a JSON file atomically (never a half-written file)."""
-        tmp = self.path(f".{name}.tmp")
-        with open(tmp, "w") as f:
-            f.write(to_json(data))
-        os.replace(tmp, self.path(name))
+    exit_code = EXIT_STORE
 
 
 class Store:
     """Objects named by '/'-separated paths relative to one run's location."""
 
     url: str
+    local_root: str | None = None  # the folder itself when the store is one on this machine
 
     def check(self) -> None:
         """Raise ConfigError (bad location) or StoreUnavailable (cannot reach it) before training."""
@@ -114,13 +80,13 @@ class LocalStore(Store):
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(os.path.expanduser(root))
-        self.url = self.root
+        self.url = self.local_root = self.root
 
     def _path(self, name: str) -> str:
         return os.path.join(self.root, *name.split("/"))
 
     def check(self) -> None:
-        probe = self._path(f".write-probe-{uuid.uuid4().hex}")
+        probe = partial_path(self._path("write-probe"))
         try:
             os.makedirs(self.root, exist_ok=True)
             with open(probe, "w") as f:
@@ -134,7 +100,7 @@ class LocalStore(Store):
         for folder, _, files in os.walk(self.root):
             for file in files:
                 name = os.path.relpath(os.path.join(folder, file), self.root).replace(os.sep, "/")
-                if name.startswith(prefix) and ".tmp-" not in name:
+                if name.startswith(prefix) and not is_partial(name):
                     found[name] = os.path.getsize(os.path.join(folder, file))
         return found
 
@@ -148,7 +114,7 @@ class LocalStore(Store):
     def _replace(self, name: str, fill: Any) -> None:
         target = self._path(name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        tmp = partial_path(target)
         fill(tmp)
         os.replace(tmp, target)
 
@@ -241,7 +207,7 @@ class GCSStore(Store):
         base = f"{self._key('')}" if self.prefix else ""
         blobs = self._call(lambda **kw: list(self.bucket.client.list_blobs(
             self.bucket_name, prefix=self._key(prefix), **kw)))
-        return {b.name[len(base):]: b.size for b in blobs if not b.name[len(base):].startswith(UPLOADS)}
+        return {b.name[len(base):]: b.size for b in blobs if not is_partial(b.name[len(base):])}
 
     def read(self, name: str) -> bytes | None:
         from google.api_core import exceptions as api
@@ -295,16 +261,8 @@ class GCSStore(Store):
             pass
 
 
-def open_store(output_dir: str, run: str, retry_seconds: float = 60.0) -> Store:
-    """The store for `<output_dir>/<run>`: GCS for gs:// locations, else a local folder."""
-    if output_dir.startswith("gs://"):
-        return GCSStore(f"{output_dir.rstrip('/')}/{run}", retry_seconds)
-    return LocalStore(os.path.join(output_dir, run))
-
-
-def fetch(store: Store, prefix: str, local_root: str) -> list[str]:
-    """Download every object under `prefix` into local_root (same relative paths); return the names."""
-    names = sorted(store.list(prefix))
-    for name in names:
-        store.download(name, os.path.join(local_root, *name.split("/")))
-    return names
+def open_store(location: str, retry_seconds: float = 60.0) -> Store:
+    """The store at `location`: GCS for gs://BUCKET/PREFIX, else a local folder."""
+    if location.startswith("gs://"):
+        return GCSStore(location, retry_seconds)
+    return LocalStore(location)

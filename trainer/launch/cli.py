@@ -12,10 +12,9 @@ from typing import Sequence
 
 import yaml
 
-from trainer import cli as trainer_cli
-from trainer.config import FIELD_SECTION, ConfigError, build_config, flag
-from trainer.launch.client import (EXIT_RUN_FAILED, EXIT_WAIT_TIMEOUT, JOB_INDEX_ANNOTATION, REQUEST_TIMEOUT, Cluster,
-                                   LaunchError, event_time, pod_summary)
+from trainer.config import (EXIT_RUN_FAILED, EXIT_WAIT_TIMEOUT, ConfigError, Parser, TrainerError, add_flags,
+                            check_replicas, config_from_args, fail, flag_names)
+from trainer.launch.client import JOB_INDEX_ANNOTATION, REQUEST_TIMEOUT, Cluster, LaunchError, event_time, pod_summary
 from trainer.launch.manifests import (LAUNCHER_FLAGS, JobSpec, run_name_problem, service_account,
                                       tensorboard_objects, training_objects)
 
@@ -43,9 +42,9 @@ def _cluster_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The launcher's parser."""
-    parser = trainer_cli.Parser(prog="python -m trainer.launch", description="Run trainer jobs on Kubernetes.")
+    parser = Parser(prog="python -m trainer.launch", description="Run trainer jobs on Kubernetes.")
     _cluster_options(parser, defaults=True)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=trainer_cli.Parser)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     def command(name: str, text: str, description: str | None = None, **kwargs: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=description or text, **kwargs)
@@ -103,11 +102,9 @@ def parse(argv: Sequence[str]) -> argparse.Namespace:
     args, unknown = parser.parse_known_args(argv[:split])
     trainer_args = argv[split + 1:]
     if unknown:
-        trainer_flags = {flag(name) for name in FIELD_SECTION}
-        trainer_flags |= {"--no-" + option[2:] for option in trainer_flags}  # BooleanOptionalAction's negations
-        early = [a for a in unknown if a.split("=")[0] in trainer_flags]
+        early = [a for a in unknown if a.split("=")[0] in flag_names()]
         if args.command == "submit" and early:
-            trainer_cli.fail(f"{early[0].split('=')[0]} is a trainer flag: put trainer flags after `--`, "
+            fail(f"{early[0].split('=')[0]} is a trainer flag: put trainer flags after `--`, "
                              f"e.g. submit --image I --output-dir gs://B/P -- {' '.join(unknown)}")
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if trainer_args and args.command != "submit":
@@ -126,16 +123,14 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
                           "pod ends; give gs://BUCKET/PREFIX")
     if args.gpus < 0 or args.workers < 1 or args.max_runtime < 0 or args.retries < 0:
         raise ConfigError("--gpus, --max-runtime and --retries must be >= 0 and --workers >= 1")
-    parsed = trainer_cli.build_parser().parse_args(["train", *args.trainer_args])
-    config = build_config({k: v for k, v in vars(parsed).items() if k in FIELD_SECTION and k != "run"}
-                          | {"run": args.run, "output_dir": args.output_dir})
+    trainer_flags = Parser(prog="trainer flags (after --)")
+    add_flags(trainer_flags)
+    config = config_from_args(trainer_flags.parse_args(args.trainer_args), run=args.run, output_dir=args.output_dir)
     run = config.run.run
     problem = run_name_problem(run, args.workers)
     if problem:
         raise ConfigError(f"--run {run!r} {problem}")
-    replicas = args.workers * max(args.gpus, 1)
-    if config.run.batch_size % replicas:
-        raise ConfigError(f"global --batch-size {config.run.batch_size} is not divisible by {replicas} replicas")
+    check_replicas(config.run.batch_size, args.workers * max(args.gpus, 1))
     return JobSpec(run=run, image=args.image, output_dir=args.output_dir, trainer_args=tuple(args.trainer_args),
                    gpus=args.gpus, workers=args.workers, gpu_type=args.gpu_type, namespace=args.namespace,
                    queue=args.queue, priority=args.priority, max_runtime=args.max_runtime, retries=args.retries)
@@ -295,7 +290,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(sys.argv[1:] if argv is None else argv)
     try:
         return COMMANDS[args.command](args)
-    except ConfigError as error:
-        trainer_cli.fail(str(error))
-    except LaunchError as error:
-        trainer_cli.fail(str(error), error.code)
+    except TrainerError as error:
+        fail(str(error), error.exit_code)

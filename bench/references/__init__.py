@@ -1,0 +1,1 @@
+"""Reference programs the benchmark suites run in fresh processes (`python -m bench.references.NAME`)."""

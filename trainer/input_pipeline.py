@@ -1,0 +1,116 @@
+"""Per-replica tf.data pipelines over a `Split` in memory: the training index stream, the replica-resident
+split the indices point into, the gather (and shift) of a batch on the device, and the evaluation pass."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import tensorflow as tf
+
+from trainer.datasets import IMAGE_SHAPE, Split
+
+AUGMENT_SHIFT = 2  # pixels of random translation when augmenting
+EPOCH_SEED_STRIDE = 100_003  # a prime: (seed, epoch) pairs map to distinct shuffle seeds
+
+
+def _options() -> tf.data.Options:
+    options = tf.data.Options()
+    # Sharding is explicit, by input context, in the dataset functions below.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    options.deterministic = True
+    return options
+
+
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch (the remainder is dropped)."""
+    return num_examples // global_batch
+
+
+def train_index_fn(
+    num_examples: int, global_batch: int, epochs: int, seed: int, start_step: int = 0, augment: bool = False
+) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """A dataset function for `distribute_datasets_from_function` yielding per-replica batches of
+    example indices ({"indices"}, plus {"offsets"} of the random shifts when augmenting).
+
+    The images themselves stay on each replica's device (`resident_split`) and are gathered there
+    (`gather_batch`), so a step moves a few hundred bytes of indices, not images.
+    Epoch e is the worker's shard in an order fixed by (seed, e); starting at `start_step`
+    skips exactly the examples already trained on, so the data position needs no shuffle
+    buffer in the checkpoint.
+    """
+    per_epoch = steps_per_epoch(num_examples, global_batch)
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica = context.get_per_replica_batch_size(global_batch)
+        per_worker = global_batch // context.num_input_pipelines
+        base = tf.data.Dataset.range(num_examples)
+        if context.num_input_pipelines > 1:
+            base = base.shard(context.num_input_pipelines, context.input_pipeline_id)
+        shard_size = num_examples // context.num_input_pipelines
+        count = per_epoch * per_worker  # examples of the shard used per epoch
+
+        def one_epoch(epoch: int) -> tf.data.Dataset:
+            epoch_seed = seed * EPOCH_SEED_STRIDE + epoch
+
+            def batches(order: tf.Tensor) -> tf.data.Dataset:
+                # The epoch's whole order arrives as one tensor and is sliced into batches:
+                # per-element pipeline work takes CPU time from the training step on small machines.
+                sliced = {"indices": tf.reshape(order, [-1, per_replica])}
+                if augment:
+                    sliced["offsets"] = tf.random.stateless_uniform(
+                        [count // per_replica, per_replica, 2], seed=[epoch_seed, context.input_pipeline_id],
+                        maxval=2 * AUGMENT_SHIFT + 1, dtype=tf.int32)
+                return tf.data.Dataset.from_tensor_slices(sliced)
+
+            order = base.shuffle(shard_size, seed=epoch_seed, reshuffle_each_iteration=False).take(count)
+            return order.batch(count).flat_map(batches)
+
+        start_epoch, offset = divmod(start_step, per_epoch)
+        ds = functools.reduce(tf.data.Dataset.concatenate, [one_epoch(e) for e in range(start_epoch, epochs)])
+        ds = ds.skip(offset * per_worker // per_replica).prefetch(tf.data.AUTOTUNE)
+        return ds.with_options(_options())
+
+    return dataset_fn
+
+
+def resident_split(strategy: tf.distribute.Strategy, split: Split) -> tf.distribute.DistributedValues:
+    """The split's (images, labels), copied once into every replica's device memory (47 MB for MNIST)."""
+    devices = strategy.extended.worker_devices
+
+    def on_device(context: tf.distribute.ValueContext) -> tuple[tf.Tensor, tf.Tensor]:
+        # Replica ids count across workers; each worker lists only its own devices.
+        with tf.device(devices[context.replica_id_in_sync_group % len(devices)]):
+            return tf.identity(split.images), tf.identity(split.labels)
+
+    return strategy.experimental_distribute_values_from_function(on_device)
+
+
+def gather_batch(images: tf.Tensor, labels: tf.Tensor, batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    """The batch's examples from resident images and labels, shifted by its offsets if it has them."""
+    x, y = tf.gather(images, batch["indices"]), tf.gather(labels, batch["indices"])
+    if "offsets" in batch:
+        x = _shift(x, batch["offsets"])
+    return x, y
+
+
+def _shift(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
+    """Translate each image by (offset - AUGMENT_SHIFT) pixels per axis, filling with black."""
+    s, (height, width) = AUGMENT_SHIFT, IMAGE_SHAPE[:2]
+    padded = tf.pad(images, [[0, 0], [s, s], [s, s], [0, 0]])
+    rows = offsets[:, :1] + tf.range(height)[tf.newaxis]
+    cols = offsets[:, 1:] + tf.range(width)[tf.newaxis]
+    return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+
+def eval_dataset_fn(split: Split, global_batch: int) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
+    """A dataset function over a whole split, once, in order; the last batch may be partial."""
+
+    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
+        ds = tf.data.Dataset.from_tensor_slices((split.images, split.labels))
+        if context.num_input_pipelines > 1:
+            ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
+        ds = ds.cache().batch(context.get_per_replica_batch_size(global_batch))
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+    return dataset_fn

@@ -1,0 +1,97 @@
+"""The Learner (orbit's "trainer"): model, optimizer, the compiled train step and the evaluator, on one strategy.
+
+Images stay resident on every replica's device; the input pipeline feeds only example indices.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import keras
+import tensorflow as tf
+
+from trainer import input_pipeline
+from trainer.checkpoints import Checkpoints
+from trainer.config import Config
+from trainer.datasets import Split
+from trainer.evaluate import make_evaluator
+from trainer.loop import Schedule
+from trainer.models import build_model
+from trainer.optimizers import build_optimizer
+
+
+class Learner:
+    """Everything that runs on the devices, built once inside `strategy.scope()`."""
+
+    def __init__(self, config: Config, strategy: tf.distribute.Strategy, train: Split, test: Split,
+                 schedule: Schedule, checkpoint_dir: str) -> None:
+        self.config, self.strategy, self.train_split, self.schedule = config, strategy, train, schedule
+        keras.utils.set_random_seed(config.run.seed)
+        with strategy.scope():
+            self.model = build_model(config.model.model, config.runtime.precision)
+            self.optimizer = build_optimizer(config.optimizer, schedule.steps_per_epoch, schedule.total_steps,
+                                             loss_scaling=config.runtime.precision == "mixed_float16")
+            self.optimizer.build(self.model.trainable_variables)
+        self.checkpoints = Checkpoints(checkpoint_dir, self.model, self.optimizer)
+        self.evaluate = make_evaluator(strategy, self.model, test)
+        self._resident = input_pipeline.resident_split(strategy, train)
+        self._steps = make_train_steps(strategy, self.model, self.optimizer, config.run.batch_size, self._resident,
+                                       config.runtime.jit_compile)
+        self._iterator: Any = None
+
+    def begin(self, start_step: int) -> None:
+        """Position the input at `start_step` (the examples already trained on are skipped)."""
+        run = self.config.run
+        dataset = self.strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(
+            len(self.train_split), run.batch_size, run.epochs, run.seed, start_step, self.config.data.augment))
+        self._iterator = iter(dataset)
+
+    def train_steps(self, steps: int) -> tuple[float, float]:
+        """Run `steps` synchronous steps; return the summed loss and the correct count over their examples."""
+        loss_sum, correct = self._steps(self._iterator, tf.constant(steps))
+        return float(loss_sum), float(correct)
+
+    @property
+    def learning_rate(self) -> float:
+        """The optimizer's current learning rate."""
+        return float(tf.convert_to_tensor(self.optimizer.learning_rate))
+
+
+def make_train_steps(strategy: tf.distribute.Strategy, model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                     global_batch: int, resident: tf.distribute.DistributedValues,
+                     jit_compile: bool = False) -> Callable[..., Any]:
+    """A tf.function `(iterator, steps) -> (summed loss, correct)` running `steps` synchronous training steps
+    on batches of indices into the replica-resident split."""
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+
+    def gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            per_example = loss_fn(labels, logits)
+            # Scale by the global batch: gradients summed over replicas give the batch mean.
+            loss = tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = optimizer.scale_loss(loss)  # the loss itself unless float16 loss scaling is on
+        correct = tf.reduce_sum(tf.cast(tf.equal(tf.argmax(logits, axis=-1), labels), tf.float32))
+        return tape.gradient(scaled, model.trainable_variables), tf.reduce_sum(per_example), correct
+
+    if jit_compile:
+        # XLA fuses the forward and backward pass; the update (with its cross-replica all-reduce) stays outside.
+        gradients = tf.function(gradients, jit_compile=True)
+
+    def replica_step(split: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        grads, loss_sum, correct = gradients(*input_pipeline.gather_batch(*split, batch))
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss_sum, correct
+
+    @tf.function
+    def train_steps(iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
+        for _ in tf.range(steps):
+            loss, right = strategy.run(replica_step, args=(resident, next(iterator)))
+            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+            correct += strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None)
+        return loss_sum, correct
+
+    return train_steps

@@ -23,12 +23,11 @@ GPU_TYPE    ?=
 NAMESPACE   ?= default
 QUEUE       ?=
 PRIORITY    ?=
-FASHION_MNIST := /usr/share/datasets/fashion-mnist
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
 .PHONY: install train test bench data manifests image push submit local tensorboard clean
 
-install: $(VENV)/.installed $(FASHION_MNIST)/train-images-idx3-ubyte.gz
+install: $(VENV)/.installed
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,11 +37,6 @@ $(VENV)/.installed: setup.py docker/requirements-no-deps.txt $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
 	touch $@
-
-# Fashion-MNIST's offline copy comes from Debian's dataset-fashion-mnist (needs root, as in CI).
-$(FASHION_MNIST)/train-images-idx3-ubyte.gz:
-	apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null \
-	  || (apt-get update -qq && apt-get install -y --no-install-recommends dataset-fashion-mnist >/dev/null)
 
 data: install
 	$(PY) -m trainer data

@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pytest
 
+from conftest import needs_offline_copy
 from trainer import datasets
 from trainer.config import DataConfig
 from trainer.datasets import DataError, load_split
@@ -19,8 +20,8 @@ MNIST_TEST = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 @pytest.mark.parametrize("dataset, split, counts", [
     ("mnist", "train", MNIST_TRAIN),
     ("mnist", "test", MNIST_TEST),
-    ("fashion_mnist", "train", [6000] * 10),
-    ("fashion_mnist", "test", [1000] * 10),
+    pytest.param("fashion_mnist", "train", [6000] * 10, marks=needs_offline_copy("fashion_mnist")),
+    pytest.param("fashion_mnist", "test", [1000] * 10, marks=needs_offline_copy("fashion_mnist")),
 ])
 def test_real_data_counts_shapes_and_dtype(data_dir, dataset, split, counts):
     loaded = load_split(DataConfig(dataset=dataset, data_dir=data_dir, data_source="idx"), split)

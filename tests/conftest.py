@@ -122,10 +122,10 @@ def cnn_config(output_dir: str, data_dir: str, **overrides):
 def cnn_run(tmp_path_factory, data_dir):
     """The tutorial CNN trained in-process for one epoch on two replicas: (config, run folder, metrics)."""
     from trainer.distribute import make_strategy
-    from trainer.run_dir import RunFolder
+    from trainer.run_dir import RunFolder, open_for_training
     from trainer.train import train_and_evaluate
 
     output_dir = str(tmp_path_factory.mktemp("runs"))
     config = cnn_config(output_dir, data_dir, scratch_dir=str(tmp_path_factory.mktemp("scratch")))
-    metrics = train_and_evaluate(config, make_strategy(config.runtime))
+    metrics = train_and_evaluate(open_for_training(config), make_strategy(config.runtime))
     return config, RunFolder(os.path.join(output_dir, "cnn-e2e")), metrics

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import subprocess
+import sys
 
 import pytest
+from PIL import Image
 
-from conftest import checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
+from conftest import ROOT, checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
+from trainer.config import config_from_args
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["analyze"], ["data"]])
@@ -31,7 +36,8 @@ def _earlier_run(tmp_path) -> tuple[str, dict[str, bytes]]:
     (["--batch-size", "0"], "--batch-size must be positive"),
     (["--batch-size", "65", "--cpu-replicas", "2"], "not divisible by 2 replicas"),
     (["--epochs", "three"], "invalid int value"),
-    (["--data-source", "idx", "--data-dir", "{empty}"], "missing data file"),
+    (["--data-source", "idx", "--data-dir", "{empty}"], "(import them with `python -m trainer data --dataset mnist "
+                                                         "--data-dir"),
     (["--data-source", "idx", "--data-dir", "{corrupt}"], "corrupt data file"),
     (["--output-dir", "{file}/runs"], "cannot write to"),
 ])
@@ -50,7 +56,7 @@ def test_bad_input_gets_one_line_exit_2_and_keeps_earlier_results(tmp_path, data
     assert result.returncode == 2
     errors = error_lines(result.stderr)
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert result.stderr == errors[0] + "\n" and result.stdout == ""  # that line and nothing else
     assert {n: open(os.path.join(output_dir, "keep", n), "rb").read() for n in before} == before
 
 
@@ -70,7 +76,9 @@ def test_sigterm_saves_then_rerun_resumes_the_step_count(tmp_path, data_dir):
     assert 0 < saved < 1200
     assert not os.path.exists(tmp_path / "r" / "metrics.json")
 
-    result = run_cli(*args)
+    # A resume needs only where the run is (and this machine's own settings): the rest is the run's config.json.
+    result = run_cli("train", "--output-dir", str(tmp_path), "--run", "r", "--data-dir", data_dir,
+                     "--cpu-replicas", "2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"resuming {tmp_path / 'r'} from step {saved} of 1200" in result.stderr
     metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
@@ -79,3 +87,47 @@ def test_sigterm_saves_then_rerun_resumes_the_step_count(tmp_path, data_dir):
     assert [(e["epoch"], e["step"]) for e in metrics["history"]] == [(1, 600), (2, 1200)]
     assert saved_steps()[-1] == 1200
     assert metrics["test_accuracy"] > 0.9
+
+
+STEP_LINE = r"step \d+/600 \(\d+%\)  loss \d\.\d{4}  accuracy \d+\.\d\d%  \d+ steps/s  eta \d:\d\d:\d\d"
+EPOCH_LINE = r"epoch 1/1: test accuracy (\d+\.\d\d)%  test loss \d\.\d{4}"
+
+
+def test_a_normal_run_prints_only_what_a_user_can_act_on(tmp_path, data_dir, mnist):
+    """stderr a log file (not a terminal): whole progress lines, the epoch's result; stdout: the summary."""
+    run = ["--output-dir", str(tmp_path), "--run", "r"]
+    result = run_cli("train", "--model", "mlp300", "--epochs", "1", "--data-dir", data_dir, *run)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stderr.splitlines()
+    assert all(re.fullmatch(STEP_LINE, line) for line in lines[:-1]), lines
+    accuracy = re.fullmatch(EPOCH_LINE, lines[-1]).group(1)
+    assert result.stdout == (f"test accuracy {accuracy}%  test loss {lines[-1].split()[-1]}  600 steps on 1 "
+                             f"replica(s)  run folder: {tmp_path / 'r'}\n")
+    evaluate = run_cli("evaluate", *run)
+    assert evaluate.returncode == 0 and evaluate.stderr == "", evaluate.stderr
+    assert f"{json.loads(evaluate.stdout)['test_accuracy']:.2%}" == f"{accuracy}%"
+    image = tmp_path / "seven.png"
+    Image.fromarray(mnist["test"].images[0, :, :, 0]).save(image)
+    predict = run_cli("predict", *run, str(image))
+    assert predict.returncode == 0 and predict.stderr == "", predict.stderr
+    assert predict.stdout.startswith(f"{image}\t7\t")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--model", "cnn", "--output-dir", "{runs}", "--run", "mlp"], "was started with other settings"),
+    (["train", "--output-dir", "{file}/runs", "--run", "x"], "is a file, not a folder"),
+    (["evaluate", "--output-dir", "{runs}", "--run", "missing"], "no run folder"),
+    (["analyze", "--output-dir", "{runs}", "--run", "missing"], "no run folder"),
+])
+def test_refusals_that_need_no_tensorflow_answer_before_it_loads(tmp_path, argv, message):
+    runs = tmp_path / "runs"
+    (runs / "mlp").mkdir(parents=True)
+    (runs / "mlp" / "config.json").write_text(json.dumps(config_from_args({"model": "mlp300"}).to_dict()))
+    (tmp_path / "file").write_text("not a folder")
+    argv = [a.format(runs=runs, file=tmp_path / "file") for a in argv]
+    code = ("import sys\nfrom trainer.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as stop:\n"
+            "    print('tensorflow' in sys.modules, stop.code)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.stdout == "False 2\n", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
+    assert sorted(os.listdir(runs)) == ["mlp"]  # nothing left behind

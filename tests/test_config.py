@@ -34,7 +34,7 @@ def test_flags_override_the_preset_and_map_one_to_one_to_fields():
     assert flat["optimizer"] == "sgd"  # still from the preset
     assert (flat["output_dir"], flat["run"], flat["cpu_replicas"], flat["data_dir"]) == ("/tmp/x", "r1", 2, "/d")
     assert (flat["seed"], flat["dataset"], flat["augment"]) == (7, "fashion_mnist", True)
-    assert set(vars(cli.build_parser().parse_args(["train"]))) - {"command"} == set(flat)
+    assert set(vars(cli.build_parser().parse_args(["train"]))) - {"command", "verbose"} == set(flat)
 
 
 def test_default_run_name_is_generated_and_config_round_trips():

@@ -48,7 +48,7 @@ def test_auto_source_imports_the_packaged_copy_once(tmp_path):
 
 
 def test_missing_data_files_are_a_data_error(tmp_path):
-    with pytest.raises(DataError, match="missing data file"):
+    with pytest.raises(DataError, match=f"missing data files in {tmp_path}/idx/mnist .*--data-dir {tmp_path}"):
         load_split(DataConfig(dataset="mnist", data_dir=str(tmp_path), data_source="idx"), "train")
 
 

@@ -16,6 +16,7 @@ from trainer.config import ConfigError
 from trainer.distribute import make_strategy
 from trainer.evaluate import evaluate_serving
 from trainer.export import load_serving
+from trainer.run_dir import open_for_training
 from trainer.train import train_and_evaluate
 
 
@@ -85,7 +86,7 @@ def test_evaluate_and_predict_commands(cnn_run, mnist, tmp_path):
 def test_a_finished_run_is_not_trained_again(cnn_run):
     config, folder, metrics = cnn_run
     before = sorted(glob.glob(folder.path("checkpoints", "*")))
-    assert train_and_evaluate(config, make_strategy(config.runtime)) == metrics
+    assert train_and_evaluate(open_for_training(config), make_strategy(config.runtime)) == metrics
     assert sorted(glob.glob(folder.path("checkpoints", "*"))) == before
 
 
@@ -94,7 +95,7 @@ def test_resuming_with_another_model_is_refused_and_changes_nothing(cnn_run):
     snapshot = {p: open(p, "rb").read() for p in glob.glob(folder.path("**"), recursive=True) if os.path.isfile(p)}
     other = cnn_config(config.run.output_dir, config.data.data_dir, model="mlp300", batch_size=64)
     with pytest.raises(ConfigError, match="model: 'cnn' -> 'mlp300'"):
-        train_and_evaluate(other, make_strategy(other.runtime))
+        open_for_training(other)
     result = run_cli("train", "--model", "mlp300", "--epochs", "1", "--output-dir", config.run.output_dir,
                      "--run", config.run.run, "--data-dir", config.data.data_dir)
     assert result.returncode == 2 and len(error_lines(result.stderr)) == 1

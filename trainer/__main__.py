@@ -2,10 +2,6 @@
 
 import sys
 
-from trainer.runtime import set_tensorflow_env
-
-set_tensorflow_env()
-
-from trainer.cli import main  # noqa: E402
+from trainer.cli import main
 
 sys.exit(main())

@@ -3,7 +3,9 @@ history), checkpoint-and-ship, and, at the end, export. (Stopping on SIGTERM is 
 
 from __future__ import annotations
 
+import datetime
 import sys
+import time
 from typing import Any, Callable
 
 import keras
@@ -16,10 +18,52 @@ from trainer.loop import Progress, crossed
 from trainer.shipper import Shipper
 
 
-def progress_bar(total: int, initial: int, show: bool) -> tqdm:
-    """A progress bar with ETA; sparse updates when stderr is a log file, not a terminal."""
-    return tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True, disable=not show,
-                miniters=1, mininterval=0.5 if sys.stderr.isatty() else 30.0)
+LOG_EVERY = 30.0  # seconds between progress lines when stderr is a log file (pod logs, `2> file`)
+
+
+def accuracy_text(value: float) -> str:
+    """The one format of an accuracy in what the trainer prints: 92.56%."""
+    return f"{value:.2%}"
+
+
+class Console:
+    """Progress on stderr (the chief's only): a live bar in a terminal; in a log file, plain whole lines."""
+
+    def __init__(self, total: int, initial: int, show: bool) -> None:
+        self.total, self.show, self.initial = total, show, initial
+        self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
+                        mininterval=0.5) if show and sys.stderr.isatty() else None
+        self._started = self._last = time.monotonic()
+
+    def update(self, step: int, loss: float, accuracy: float) -> None:
+        """Training reached `step` with this chunk's loss and accuracy."""
+        text = f"loss {loss:.4f}  accuracy {accuracy_text(accuracy)}"
+        if self.bar is not None:
+            self.bar.set_postfix_str(text, refresh=False)
+            self.bar.update(step - self.bar.n)
+            return
+        now = time.monotonic()
+        if not self.show or (now - self._last < LOG_EVERY and step < self.total):
+            return
+        self._last = now
+        rate = (step - self.initial) / max(now - self._started, 1e-9)
+        eta = datetime.timedelta(seconds=round((self.total - step) / rate)) if rate > 0 else "?"
+        print(f"step {step}/{self.total} ({step / self.total:.0%})  {text}  {rate:.0f} steps/s  eta {eta}",
+              file=sys.stderr, flush=True)
+
+    def write(self, line: str) -> None:
+        """A line of its own (above the bar in a terminal)."""
+        if not self.show:
+            return
+        if self.bar is not None:
+            self.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        """End the bar."""
+        if self.bar is not None:
+            self.bar.close()
 
 
 def summary_writer(logdir: str, chief: bool) -> tf.summary.SummaryWriter:
@@ -37,16 +81,15 @@ def write_scalars(writer: tf.summary.SummaryWriter, step: int, **values: float) 
 class Summaries:
     """After every chunk: training scalars to TensorBoard and the progress bar; timings for the throughput."""
 
-    def __init__(self, writer: tf.summary.SummaryWriter, learning_rate: Callable[[], float], bar: tqdm) -> None:
-        self.writer, self.learning_rate, self.bar = writer, learning_rate, bar
+    def __init__(self, writer: tf.summary.SummaryWriter, learning_rate: Callable[[], float], console: Console) -> None:
+        self.writer, self.learning_rate, self.console = writer, learning_rate, console
         self.timings: list[tuple[int, float]] = []  # (examples, seconds) per chunk
 
     def __call__(self, p: Progress) -> None:
         self.timings.append((p.examples, p.seconds))
         write_scalars(self.writer, p.step, loss=p.loss, accuracy=p.accuracy, learning_rate=self.learning_rate(),
                       examples_per_sec=p.examples / p.seconds)
-        self.bar.update(p.step - p.previous)
-        self.bar.set_postfix(loss=f"{p.loss:.4f}", acc=f"{p.accuracy:.4f}", refresh=False)
+        self.console.update(p.step, p.loss, p.accuracy)
 
     def finish(self, step: int) -> None:
         self.writer.close()
@@ -61,10 +104,10 @@ class Summaries:
 class Evaluation:
     """At each epoch's end: test metrics to TensorBoard, the console and the run's per-epoch history."""
 
-    def __init__(self, evaluate: Callable[[], dict[str, Any]], writer: tf.summary.SummaryWriter, bar: tqdm,
+    def __init__(self, evaluate: Callable[[], dict[str, Any]], writer: tf.summary.SummaryWriter, console: Console,
                  epochs: int, history: list[dict[str, Any]],
                  record: Callable[[list[dict[str, Any]]], None] | None) -> None:
-        self.evaluate, self.writer, self.bar, self.epochs = evaluate, writer, bar, epochs
+        self.evaluate, self.writer, self.console, self.epochs = evaluate, writer, console, epochs
         self.history, self.record = history, record
         self.last: dict[str, Any] | None = None  # the evaluation at `last_step`
         self.last_step = -1
@@ -78,8 +121,8 @@ class Evaluation:
             return
         result = self._evaluate(p.step)
         write_scalars(self.writer, p.step, loss=result["test_loss"], accuracy=result["test_accuracy"])
-        self.bar.write(f"epoch {p.epoch}/{self.epochs}: test accuracy {result['test_accuracy']:.4f} "
-                       f"loss {result['test_loss']:.4f}", file=sys.stderr)
+        self.console.write(f"epoch {p.epoch}/{self.epochs}: test accuracy {accuracy_text(result['test_accuracy'])}  "
+                           f"test loss {result['test_loss']:.4f}")
         self.history.append({
             "epoch": p.epoch, "step": p.step,
             "train_loss": round(self._loss / self._examples, 6),

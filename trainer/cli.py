@@ -12,15 +12,20 @@ from typing import Sequence
 
 from trainer import config as config_lib
 from trainer import run_dir
-from trainer.config import ConfigError, Parser, TrainerError, add_flags, config_from_args, fail
+from trainer.config import ConfigError, Parser, TrainerError, add_flags, config_from_args, fail, given_flags
+from trainer.runtime import load_tensorflow, set_tensorflow_env
 
 PEER_LOST_HOLD = 5.0  # seconds a survivor waits after reporting a lost peer before it exits
 
 
-def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--output-dir", default=config_lib.RunConfig.output_dir,
-                        help="parent folder of run folders, or gs://BUCKET/PREFIX")
-    parser.add_argument("--run", required=True, help="run folder name")
+                        help="parent folder of run folders, or gs://BUCKET/PREFIX (default: %(default)s)")
+    parser.add_argument("--run", required=required, help="run folder name" + ("" if required else " (default: none)"))
+
+
+def _add_data_dir_override(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="read the test data from here (default: the data dir saved with the run)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,34 +33,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m trainer", description="Train and evaluate MNIST classifiers.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    train = commands.add_parser("train", help="train (or resume) a run, evaluate and export it")
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=text, description=text)
+        sub.add_argument("--verbose", action="store_true", help="show TensorFlow's own start-up and C++ logs")
+        return sub
+
+    train = command("train", "train (or resume) a run, evaluate and export it; to resume, give the same "
+                             "--output-dir and --run (other flags only to change them, e.g. --epochs)")
     add_flags(train)
 
-    evaluate = commands.add_parser("evaluate", help="evaluate a run's exported model on the test set")
+    evaluate = command("evaluate", "evaluate a run's exported model on the test set; prints JSON")
     _add_run_flags(evaluate)
-    evaluate.add_argument("--data-dir", help="override the data dir saved with the run")
+    _add_data_dir_override(evaluate)
 
-    predict = commands.add_parser("predict", help="classify PNG images with an exported model")
+    predict = command("predict", "classify PNG images with an exported model")
     predict.add_argument("images", nargs="+", help="PNG files (grayscale 28x28; others are resized)")
-    predict.add_argument("--model-dir", help="an exported model folder (or give --output-dir and --run)")
-    predict.add_argument("--output-dir", default=config_lib.RunConfig.output_dir)
-    predict.add_argument("--run", help="run whose model/ to use")
+    predict.add_argument("--model-dir", help="an exported model folder (default: <output-dir>/<run>/model)")
+    _add_run_flags(predict, required=False)
 
-    analyze = commands.add_parser("analyze", help="plots and analyses of a trained run into <run>/analysis/")
+    analyze = command("analyze", "plots and analyses of a trained run into <run>/analysis/")
     _add_run_flags(analyze)
-    analyze.add_argument("--data-dir", help="override the data dir saved with the run")
-    analyze.add_argument("--l2", type=float, default=0.25, help="L2 penalty of the optimal-input search")
+    _add_data_dir_override(analyze)
+    analyze.add_argument("--l2", type=float, default=0.25,
+                         help="L2 penalty of the optimal-input search (default: %(default)s)")
 
-    data = commands.add_parser("data", help="import and verify datasets; print where they come from")
-    data.add_argument("--dataset", choices=config_lib.DATASETS + ("all",), default="all")
-    data.add_argument("--data-dir", default=config_lib.DataConfig.data_dir)
-    data.add_argument("--data-source", choices=config_lib.DATA_SOURCES, default="auto")
+    data = command("data", "import and verify datasets; print where they come from")
+    data.add_argument("--dataset", choices=config_lib.DATASETS + ("all",), default="all",
+                      help="which dataset (default: %(default)s)")
+    data.add_argument("--data-dir", default=config_lib.DataConfig.data_dir,
+                      help="folder for TFDS data and imported IDX files (default: %(default)s)")
+    data.add_argument("--data-source", choices=config_lib.DATA_SOURCES, default="auto",
+                      help="where to read from; auto: TFDS if prepared, else IDX files / packaged copy, "
+                           "else a TFDS download (default: %(default)s)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m trainer`."""
     args = build_parser().parse_args(argv)
+    set_tensorflow_env(args.verbose)
     try:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "analyze": cmd_analyze,
                 "data": cmd_data}[args.command](args)
@@ -65,13 +81,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, print a one-line summary."""
-    config = config_from_args(args)
-    from trainer.distribute import PeerLost, make_strategy  # TensorFlow starts here, after validation
+    # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
+    run = run_dir.open_for_training(config_from_args(args), given_flags(args))
+    load_tensorflow(args.verbose)
+    from trainer.distribute import PeerLost, make_strategy
     from trainer.train import train_and_evaluate
 
     try:
-        strategy = make_strategy(config.runtime)  # before any other TF op: may split the CPU
-        metrics = train_and_evaluate(config, strategy, log=lambda m: print(m, file=sys.stderr))
+        strategy = make_strategy(run.config.runtime)  # before any other TF op: may split the CPU
+        metrics = train_and_evaluate(run, strategy, log=lambda m: print(m, file=sys.stderr))
     except PeerLost as lost:
         print(f"error: {lost}", file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -82,8 +100,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         # for the peer that is gone.
         os._exit(lost.exit_code)
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "
-          f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  "
-          f"run folder: {run_dir.location(config.run.output_dir, config.run.run)}")
+          f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  run folder: {run.url}")
     return 0
 
 
@@ -93,6 +110,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = run.config(args.data_dir)
     if not run.folder.has_model():
         raise ConfigError(f"{run.store.url} has no exported {run_dir.MODEL}/ (did training finish?)")
+    load_tensorflow(args.verbose)
     from trainer.datasets import load_split
     from trainer.evaluate import evaluate_serving
     from trainer.export import load_serving
@@ -115,6 +133,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for path in args.images:
         if not os.path.isfile(path):
             raise ConfigError(f"no such image {path}")
+    load_tensorflow(args.verbose)
     from trainer.export import predict_files
 
     try:
@@ -132,6 +151,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"--l2 must be >= 0, got {args.l2}")
     run = run_dir.open_for_reading(args.output_dir, args.run, (
         run_dir.CONFIG, run_dir.HISTORY, run_dir.METRICS, f"{run_dir.CHECKPOINTS}/"))
+    load_tensorflow(args.verbose)
     from trainer.analysis import OUTPUTS, analyze
 
     summary = analyze(run.folder, run.config(args.data_dir), args.l2)
@@ -143,6 +163,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def cmd_data(args: argparse.Namespace) -> int:
     """Import (if needed) and verify each dataset; print its source and sizes."""
+    load_tensorflow(args.verbose)
     from trainer.datasets import load_split
 
     names = config_lib.DATASETS if args.dataset == "all" else (args.dataset,)

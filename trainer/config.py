@@ -227,6 +227,13 @@ RESUME_KEYS = (
     "dataset", "augment", "model", "optimizer", "learning_rate", "momentum",
     "schedule", "warmup_epochs", "batch_size", "seed", "precision",
 )
+# Fields of one attempt, not of the run: where it runs and how this process behaves. A resume takes them from
+# its own flags (or their defaults), never from the run's config.json; every other field comes from the run
+# unless its flag is given.
+ATTEMPT_KEYS = (
+    "output_dir", "run", "scratch_dir", "ship_every", "grace_seconds", "store_timeout", "data_dir", "data_source",
+    "cpu_replicas", "jit_compile", "peer_timeout", "startup_timeout",
+)
 
 
 def default_run_name(model: str, dataset: str) -> str:
@@ -249,6 +256,11 @@ def build_config(overrides: dict[str, Any]) -> Config:
     values["learning_rate"] = scaled_learning_rate(values, PRESETS[model]["batch_size"])
     if not values.get("run"):
         values["run"] = default_run_name(model, values.get("dataset", DataConfig.dataset))
+    return _validated(values)
+
+
+def _validated(values: dict[str, Any]) -> Config:
+    """The Config of flat field values (missing ones take their defaults), validated."""
     sections: dict[str, dict[str, Any]] = {s: {} for s in SECTION_CLASSES}
     for key, value in values.items():
         sections[FIELD_SECTION[key]][key] = value
@@ -303,6 +315,20 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 def config_from_dict(data: dict[str, dict[str, Any]]) -> Config:
     """Rebuild a Config from config.json contents."""
     return Config(**{s: SECTION_CLASSES[s](**data[s]) for s in SECTION_CLASSES if s in data})
+
+
+def given_flags(args: argparse.Namespace) -> set[str]:
+    """The config fields whose flags were given on the command line."""
+    return {k for k, v in vars(args).items() if k in FIELD_SECTION and v is not None}
+
+
+def resumed(saved: Config, requested: Config, given: set[str] | None = None) -> Config:
+    """The config of a run resumed from `saved`: this attempt's ATTEMPT_KEYS and the `given` fields (all, if
+    None) from `requested`, the rest from `saved`; validated."""
+    ours, theirs = saved.flat(), requested.flat()
+    take = set(theirs) if given is None else set(ATTEMPT_KEYS) | given
+    values = {k: theirs[k] if k in take else ours[k] for k in ours}
+    return _validated(values)
 
 
 def resume_conflicts(saved: Config, wanted: Config) -> list[str]:

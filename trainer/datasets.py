@@ -70,7 +70,11 @@ def load_split(config: DataConfig, split: str) -> Split:
         import_packaged(config.dataset, data_dir)
         source = "idx"
     if source == "idx":
-        images, labels = read_idx_split(idx_dir(data_dir, config.dataset), split)
+        folder = idx_dir(data_dir, config.dataset)
+        if not _idx_complete(folder):
+            raise DataError(f"missing data files in {folder} (import them with `python -m trainer data "
+                            f"--dataset {config.dataset} --data-dir {config.data_dir}`)")
+        images, labels = read_idx_split(folder, split)
     else:
         images, labels = _load_tfds(config.dataset, data_dir, split)
     verify(config.dataset, split, images, labels)
@@ -139,7 +143,7 @@ def read_idx_split(folder: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 def read_idx(path: str) -> np.ndarray:
     """Parse a gzip IDX file of unsigned bytes (the MNIST distribution format)."""
     if not os.path.exists(path):
-        raise DataError(f"missing data file {path} (run `python -m trainer data` to import it)")
+        raise DataError(f"missing data file {path}")
     try:
         with gzip.open(path, "rb") as f:
             raw = f.read()

@@ -20,7 +20,7 @@ import shutil
 import tempfile
 from typing import Any
 
-from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts
+from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts, resumed
 from trainer.storage import Store, open_store, partial_path
 
 CONFIG = "config.json"
@@ -145,8 +145,9 @@ def location(output_dir: str, run: str) -> str:
 
 
 def scratch_folder(config: Config) -> RunFolder:
-    """The local folder a run trains in: `<scratch_dir or system temp>/mnist-trainer/<run>`."""
-    base = config.run.scratch_dir or os.path.join(tempfile.gettempdir(), "mnist-trainer")
+    """The local folder a run trains in: `<scratch_dir or system temp>/mnist-trainer-<uid>/<run>` (per user: the
+    system temp dir is shared)."""
+    base = config.run.scratch_dir or os.path.join(tempfile.gettempdir(), f"mnist-trainer-{os.getuid()}")
     return RunFolder(os.path.join(base, config.run.run))
 
 
@@ -205,17 +206,26 @@ class TrainingRun:
         self.local.write_json(METRICS, metrics)
 
 
-def open_for_training(config: Config) -> TrainingRun:
-    """Check the store, fill an emptied scratch folder from it, and refuse a resume with other settings."""
+def open_for_training(config: Config, given: set[str] | None = None) -> TrainingRun:
+    """Check the store and fill an emptied scratch folder from it. A run that exists is resumed: its saved
+    settings, with this attempt's own and the `given` ones (all, if None) from `config`; a resume that would
+    change what is learned is refused."""
     store = open_store(location(config.run.output_dir, config.run.run), min(60.0, config.run.store_timeout))
     store.check()
     local = scratch_folder(config)
     shutil.rmtree(local.root, ignore_errors=True)
-    shipped = restore(store, local)
+    try:
+        shipped = restore(store, local)
+    except PermissionError as error:
+        raise ConfigError(f"cannot write the scratch folder {local.root} ({error.strerror}); "
+                          "give --scratch-dir a folder you can write") from error
     saved = local.read_json(CONFIG)
     if saved is not None:
-        conflicts = resume_conflicts(config_from_dict(saved), config)
+        previous = config_from_dict(saved)
+        config = resumed(previous, config, given)
+        conflicts = resume_conflicts(previous, config)
         if conflicts:
+            shutil.rmtree(local.root, ignore_errors=True)
             raise ConfigError(f"run {store.url} was started with other settings ({'; '.join(conflicts)})")
     return TrainingRun(config, store, local, shipped)
 

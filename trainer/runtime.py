@@ -1,8 +1,16 @@
-"""Process-wide TensorFlow settings, applied by the entry point before TensorFlow is imported."""
+"""Process-wide TensorFlow settings, applied by the entry point before TensorFlow is imported, and loading
+TensorFlow quietly: its start-up chatter is held back unless --verbose (or unless loading fails)."""
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import logging
 import os
+import sys
+import tempfile
+import warnings
+from typing import Iterator
 
 TF_ENV_DEFAULTS = {
     # Keep TensorFlow's C++ chatter out of the logs, errors included: each error that matters comes back as
@@ -16,9 +24,56 @@ TF_ENV_DEFAULTS = {
     # step to save its scratch memory; caching it about halves that kernel's time (a cnn step: ~5% faster).
     "TF_MKL_OPTIMIZE_PRIMITIVE_MEMUSE": "false",
 }
+# Python-side notices with nothing for a user to do: tf.data's note on options in graph mode (raised by
+# distribute_datasets_from_function itself), and absl/TensorFlow/TFDS warnings such as a TFDS variant folder
+# without dataset_info.json (TFDS probing a data dir that holds only our IDX files).
+_QUIET_WARNINGS = ("To make it possible to preserve tf.data options",)
+_QUIET_LOGGERS = ("absl", "tensorflow")
 
 
-def set_tensorflow_env() -> None:
-    """Set TF_ENV_DEFAULTS for this process unless the user set them; call before importing TensorFlow."""
+def set_tensorflow_env(verbose: bool = False) -> None:
+    """Set TF_ENV_DEFAULTS for this process unless the user set them (verbose: all C++ logs); call before
+    importing TensorFlow."""
     for name, value in TF_ENV_DEFAULTS.items():
         os.environ.setdefault(name, value)
+    if verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """Hold back what native code writes to file descriptor 2 (shown again if the block fails)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def load_tensorflow(verbose: bool = False) -> None:
+    """Import TensorFlow and probe its devices. Its C++ start-up lines (oneDNN and CUDA notices, a failed cuInit
+    on a machine without a GPU) are written before TF_CPP_MIN_LOG_LEVEL applies; they are held back, and the
+    Python-side notices above silenced, unless `verbose`."""
+    if verbose:
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
+        return
+    for message in _QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in _QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with _native_stderr_held():
+        import tensorflow as tf
+
+        importlib.import_module("tensorflow_datasets")  # its first import loads more native code
+        tf.config.list_physical_devices()

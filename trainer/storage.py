@@ -86,9 +86,15 @@ class LocalStore(Store):
         return os.path.join(self.root, *name.split("/"))
 
     def check(self) -> None:
-        probe = partial_path(self._path("write-probe"))
+        # Probe the nearest folder that exists: the run's own folders are made by its first write, so a run
+        # refused before that leaves nothing behind.
+        existing = self.root
+        while not os.path.isdir(existing) and os.path.dirname(existing) != existing:
+            if os.path.exists(existing):
+                raise ConfigError(f"cannot write to {self.root}: {existing} is a file, not a folder")
+            existing = os.path.dirname(existing)
+        probe = partial_path(os.path.join(existing, "write-probe"))
         try:
-            os.makedirs(self.root, exist_ok=True)
             with open(probe, "w") as f:
                 f.write("ok")
             os.remove(probe)

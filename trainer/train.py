@@ -1,5 +1,5 @@
-"""train_and_evaluate(config, strategy) -> metrics: open the run, load the data, build the learner, run the loop
-with its ordered actions, write the metrics and ship the run."""
+"""train_and_evaluate(run, strategy) -> metrics: load the data of a run opened for training, build the learner,
+run the loop with its ordered actions, write the metrics and ship the run."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from trainer.datasets import Split, load_split
 from trainer.distribute import PeerLost, any_worker, cluster_of, describe, is_chief, peer_failures, same_on_all_workers
 from trainer.learner import Learner
 from trainer.preemption import Preemption, StopSignal
-from trainer.run_dir import TrainingRun, open_for_training
+from trainer.run_dir import TrainingRun
 from trainer.shipper import Shipper
 from trainer.storage import StoreUnavailable
 
@@ -25,12 +25,12 @@ SAMPLE_IMAGES = 16  # training images shown in TensorBoard
 HPARAMS_LEFT_OUT = ("output_dir", "run", "data_dir")  # where a run is, not what it learns
 
 
-def train_and_evaluate(config: Config, strategy: tf.distribute.Strategy,
+def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume from the store) the configured run, evaluate and export it; return its metrics."""
+    """Train (or resume) a run opened by run_dir.open_for_training, evaluate and export it; return its metrics."""
     started = time.time()
+    config = run.config
     with StopSignal() as stop:
-        run = open_for_training(config)
         train, test = load_split(config.data, "train"), load_split(config.data, "test")
         schedule = loop.Schedule.of(config.run, len(train))
         finished = run.finished(schedule.total_steps)
@@ -91,9 +91,10 @@ def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_st
     if start_step == 0 and chief:
         _log_run_start(run.local.logs, train_writer, config, learner.train_split)
     learner.begin(start_step)
-    with actions.progress_bar(schedule.total_steps, start_step, chief) as bar:
-        summaries = actions.Summaries(train_writer, lambda: learner.learning_rate, bar)
-        evaluation = actions.Evaluation(learner.evaluate, test_writer, bar, config.run.epochs, history,
+    console = actions.Console(schedule.total_steps, start_step, chief)
+    try:
+        summaries = actions.Summaries(train_writer, lambda: learner.learning_rate, console)
+        evaluation = actions.Evaluation(learner.evaluate, test_writer, console, config.run.epochs, history,
                                         run.record_history if chief else None)
         checkpointing = actions.Checkpointing(learner.checkpoints, config.run.checkpoint_every, shipper,
                                               lambda: (train_writer.flush(), test_writer.flush()))
@@ -101,6 +102,8 @@ def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_st
                                 config.run.grace_seconds, run.local.root)
         loop.run(learner.train_steps, schedule, start_step,
                  [summaries, evaluation, checkpointing, preemption, actions.Export(learner.model, run.local.model)])
+    finally:
+        console.close()
     return summaries, evaluation
 
 

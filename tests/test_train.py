@@ -101,3 +101,31 @@ def test_resuming_with_another_model_is_refused_and_changes_nothing(cnn_run):
     assert result.returncode == 2 and len(error_lines(result.stderr)) == 1
     after = {p: open(p, "rb").read() for p in glob.glob(folder.path("**"), recursive=True) if os.path.isfile(p)}
     assert after == snapshot
+
+
+def test_predict_takes_folders_and_globs_detects_polarity_and_reports_each_bad_file(cnn_run, mnist, tmp_path):
+    config, _, _ = cnn_run
+    digits, labels = mnist["test"].images[:10, :, :, 0], mnist["test"].labels[:10].tolist()
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "paper").mkdir()
+    for i, digit in enumerate(digits):
+        Image.fromarray(digit).save(tmp_path / "mnist" / f"{i}.png")  # light digit on dark, as MNIST
+        # Dark ink on white paper, in colour and three times the size.
+        Image.fromarray(255 - digit).resize((84, 84), Image.NEAREST).convert("RGB").save(tmp_path / "paper" / f"{i}.png")
+    (tmp_path / "notes.png").write_text("not an image")
+    result = run_cli("predict", "--output-dir", config.run.output_dir, "--run", config.run.run,
+                     str(tmp_path / "mnist"), str(tmp_path / "paper" / "*.png"), str(tmp_path / "notes.png"),
+                     str(tmp_path / "missing.png"))
+    assert result.returncode == 2
+    assert sorted(error_lines(result.stderr)) == [
+        f"error: {tmp_path / 'missing.png'}: no such image",
+        f"error: {tmp_path / 'notes.png'}: not an image TensorFlow can read (.png, .jpg, .jpeg, .gif, .bmp)"]
+    rows = [line.split("\t") for line in result.stdout.splitlines()]
+    plain = {int(os.path.basename(r[0])[:-4]): r for r in rows if "/mnist/" in r[0]}
+    paper = {int(os.path.basename(r[0])[:-4]): r for r in rows if "/paper/" in r[0]}
+    assert sorted(plain) == sorted(paper) == list(range(10))
+    assert sum(int(plain[i][1]) == labels[i] for i in range(10)) >= 9
+    assert all(plain[i][3] == "" for i in range(10))  # nothing converted
+    assert sum(int(paper[i][1]) == labels[i] for i in range(10)) >= 9  # without the inversion: 2 of 5 wrong
+    assert all(paper[i][3] == "colour -> grey, inverted (dark digit on light background), resized 84x84 -> 28x28"
+               for i in range(10))

@@ -4,6 +4,7 @@ folder is opened through run_dir, whatever its store."""
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -12,7 +13,7 @@ from typing import Sequence
 
 from trainer import config as config_lib
 from trainer import run_dir
-from trainer.config import ConfigError, Parser, TrainerError, add_flags, config_from_args, fail, given_flags
+from trainer.config import EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args, fail, given_flags
 from trainer.runtime import load_tensorflow, set_tensorflow_env
 
 PEER_LOST_HOLD = 5.0  # seconds a survivor waits after reporting a lost peer before it exits
@@ -46,8 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(evaluate)
     _add_data_dir_override(evaluate)
 
-    predict = command("predict", "classify PNG images with an exported model")
-    predict.add_argument("images", nargs="+", help="PNG files (grayscale 28x28; others are resized)")
+    predict = command("predict", "classify images of digits with an exported model; prints "
+                                 "file<TAB>class<TAB>probability<TAB>conversions made")
+    predict.add_argument("images", nargs="+", help=f"image files ({', '.join(config_lib.IMAGE_TYPES)}), folders "
+                         "of them, or glob patterns; other sizes are resized, colour made grey")
+    predict.add_argument("--polarity", choices=config_lib.POLARITIES, default="auto",
+                         help="light-on-dark is MNIST's own; auto inverts images whose border is light "
+                              "(default: %(default)s)")
     predict.add_argument("--model-dir", help="an exported model folder (default: <output-dir>/<run>/model)")
     _add_run_flags(predict, required=False)
 
@@ -121,7 +127,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Print `file<TAB>class<TAB>probability` for each PNG."""
+    """Print `file<TAB>class<TAB>probability<TAB>conversions` for each image; one error line per image that
+    cannot be classified (the others still are), and exit 2 if there was any."""
     if not args.model_dir and not args.run:
         raise ConfigError("give --model-dir, or --output-dir and --run")
     if args.model_dir:
@@ -130,19 +137,38 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model_dir = run_dir.open_for_reading(args.output_dir, args.run, (f"{run_dir.MODEL}/",)).folder.model
     if not run_dir.is_complete_model(model_dir):
         raise ConfigError(f"no exported model in {model_dir}")
-    for path in args.images:
-        if not os.path.isfile(path):
-            raise ConfigError(f"no such image {path}")
-    load_tensorflow(args.verbose)
-    from trainer.export import predict_files
+    paths, failed = _image_paths(args.images)
+    if paths:
+        load_tensorflow(args.verbose)
+        from trainer.export import predict_files
 
-    try:
-        results = predict_files(model_dir, list(args.images))
-    except Exception as error:  # tf.errors.InvalidArgumentError for non-PNG bytes, among others
-        raise ConfigError(f"cannot classify the images: {str(error).splitlines()[0]}") from error
-    for path, label, probability in results:
-        print(f"{path}\t{label}\t{probability:.4f}")
-    return 0
+        for result in predict_files(model_dir, paths, args.polarity):
+            if len(result) == 2:
+                failed += 1
+                print(f"error: {result[0]}: {result[1]}", file=sys.stderr)
+            else:
+                path, label, probability, notes = result
+                print(f"{path}\t{label}\t{probability:.2%}\t{', '.join(notes)}", flush=True)
+    return EXIT_USAGE if failed else 0
+
+
+def _image_paths(given: list[str]) -> tuple[list[str], int]:
+    """The image files that `given` names (files, folders of images, glob patterns), and how many named nothing
+    (each reported in an error line)."""
+    paths, failed = [], 0
+    for item in given:
+        if os.path.isdir(item):
+            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(config_lib.IMAGE_TYPES))
+        elif os.path.isfile(item):
+            found = [item]
+        else:
+            found = sorted(p for p in glob.glob(item) if os.path.isfile(p)) if any(c in item for c in "*?[") else []
+        if not found:
+            failed += 1
+            kind = "folder has no images" if os.path.isdir(item) else "no such image"
+            print(f"error: {item}: {kind}", file=sys.stderr)
+        paths += found
+    return paths, failed
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -18,6 +18,8 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 PRECISIONS = ("float32", "mixed_float16")
+POLARITIES = ("auto", "light-on-dark", "dark-on-light")  # predict: MNIST digits are light on dark
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")  # predict: what tf.io.decode_image reads
 
 # Exit codes of `python -m trainer` and `python -m trainer.launch`: the one table (README "Exit codes",
 # and the manifests' failure policies, agree with it).

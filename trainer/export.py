@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable
+from typing import Any, Callable
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer.config import IMAGE_TYPES
 from trainer.datasets import IMAGE_SHAPE
 from trainer.storage import partial_path
 
@@ -39,19 +40,62 @@ def load_serving(path: str) -> Callable[..., dict[str, tf.Tensor]]:
     return tf.saved_model.load(path).signatures[SIGNATURE]
 
 
-def read_png(path: str) -> np.ndarray:
-    """A PNG as uint8 [28, 28, 1] grayscale, resized if it is another size."""
-    image = tf.io.decode_png(tf.io.read_file(path), channels=1)
-    if tuple(image.shape) != IMAGE_SHAPE:
-        image = tf.cast(tf.round(tf.image.resize(image, IMAGE_SHAPE[:2], antialias=True)), tf.uint8)
-    return image.numpy()
+_DARK_BACKGROUND = 128  # mean border pixel below this: a light digit on a dark background, as MNIST
 
 
-def predict_files(model_dir: str, paths: list[str]) -> list[tuple[str, int, float]]:
-    """(path, class, probability) for each PNG file."""
+class ImageError(ValueError):
+    """An image that cannot be classified (unreadable, not an image)."""
+
+
+def read_image(path: str, polarity: str = "auto") -> tuple[np.ndarray, list[str]]:
+    """An image file as MNIST sees digits: uint8 [28, 28, 1], a light digit on a dark background; with a note
+    for every conversion made (bit depth, alpha, colour, size, inversion)."""
+    try:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=0, expand_animations=False)
+    except tf.errors.OpError as error:
+        raise ImageError(f"not an image TensorFlow can read ({', '.join(IMAGE_TYPES)})") from error
+    notes = []
+    pixels = image.numpy()
+    if pixels.dtype == np.uint16:
+        pixels, notes = (pixels // 257).astype(np.uint8), notes + ["16-bit -> 8-bit"]
+    pixels = pixels.astype(np.float32)
+    height, width, channels = pixels.shape
+    if channels in (2, 4):  # drawn on a transparent canvas: show it as a viewer does, on white
+        alpha = pixels[..., -1:] / 255.0
+        pixels = pixels[..., :-1] * alpha + 255.0 * (1 - alpha)
+        notes.append("transparency on white")
+    if pixels.shape[-1] == 3:
+        pixels = pixels @ np.array([[0.299], [0.587], [0.114]], np.float32)
+        notes.append("colour -> grey")
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    if polarity == "dark-on-light" or (polarity == "auto" and border.mean() >= _DARK_BACKGROUND):
+        pixels = 255.0 - pixels
+        notes.append("inverted (dark digit on light background)")
+    if (height, width) != IMAGE_SHAPE[:2]:
+        side = max(height, width)  # pad to a square first: the digit keeps its aspect ratio
+        pixels = np.pad(pixels, [((side - height) // 2, (side - height + 1) // 2),
+                                 ((side - width) // 2, (side - width + 1) // 2), (0, 0)])
+        pixels = tf.image.resize(pixels, IMAGE_SHAPE[:2], antialias=True).numpy()
+        notes.append(f"resized {width}x{height} -> {IMAGE_SHAPE[1]}x{IMAGE_SHAPE[0]}")
+    return np.clip(np.round(pixels), 0, 255).astype(np.uint8), notes
+
+
+def predict_files(model_dir: str, paths: list[str], polarity: str = "auto"
+                  ) -> list[tuple[str, int, float, list[str]] | tuple[str, ImageError]]:
+    """For each image file, (path, class, probability, conversion notes), or (path, error) if it cannot be read."""
     serve = load_serving(model_dir)
-    images = np.stack([read_png(p) for p in paths])
-    out = serve(images=tf.constant(images))
-    classes = out["classes"].numpy()
-    probabilities = out["probabilities"].numpy()
-    return [(p, int(c), float(probabilities[i, c])) for i, (p, c) in enumerate(zip(paths, classes))]
+    read: list[tuple[str, np.ndarray, list[str]]] = []
+    results: dict[str, Any] = {}
+    for path in paths:
+        try:
+            image, notes = read_image(path, polarity)
+        except ImageError as error:
+            results[path] = (path, error)
+            continue
+        read.append((path, image, notes))
+    if read:
+        out = serve(images=tf.constant(np.stack([image for _, image, _ in read])))
+        classes, probabilities = out["classes"].numpy(), out["probabilities"].numpy()
+        for i, (path, _, notes) in enumerate(read):
+            results[path] = (path, int(classes[i]), float(probabilities[i, classes[i]]), notes)
+    return [results[path] for path in paths]

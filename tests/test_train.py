@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from google.protobuf import json_format
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from conftest import cnn_config, error_lines, run_cli
 from trainer.config import ConfigError
@@ -42,16 +44,40 @@ def test_cnn_on_two_replicas_reaches_the_tutorials_first_epoch_accuracy(cnn_run)
         assert os.path.exists(folder.path(name)), name
 
 
-def test_tensorboard_has_curves_images_and_hparams(cnn_run):
+def _hparams(logdir: str) -> dict:
+    """The hparams of the HParams session in `logdir`, or {} if there is none."""
+    events = EventAccumulator(logdir)
+    events.Reload()
+    content = events.PluginTagToContent("hparams").get(hparams_metadata.SESSION_START_INFO_TAG)
+    if content is None:
+        return {}
+    info = hparams_metadata.parse_session_start_info_plugin_data(content)
+    return {k: json_format.MessageToDict(v) for k, v in info.hparams.items()}
+
+
+def test_tensorboard_has_two_runs_per_training_and_hparams_on_its_test_run(cnn_run):
     _, folder, _ = cnn_run
     tags = {}
-    for sub in ("train", "test", ""):
+    for sub in ("train", "test"):
         events = EventAccumulator(os.path.join(folder.logs, sub))
         events.Reload()
         tags[sub] = set(events.Tags()["tensors"])
     assert {"loss", "accuracy", "learning_rate", "examples_per_sec", "inputs"} <= tags["train"]
     assert {"loss", "accuracy"} <= tags["test"]
-    assert "_hparams_/session_start_info" in tags[""]
+    assert {"train", "test"} <= set(os.listdir(folder.logs)) <= {"train", "test", "analysis"}  # no hparams-only run
+    # Only what changes the learning; the session's metrics are the test run's accuracy and loss.
+    assert _hparams(folder.path("logs", "test")) == {
+        "model": "cnn", "dataset": "mnist", "optimizer": "adam", "learning_rate": 0.001, "schedule": "constant",
+        "batch_size": 64.0, "epochs": 1.0, "augment": False, "precision": "float32", "replicas": 2.0}
+
+
+def test_a_resume_to_more_epochs_updates_the_hparams(tmp_path, data_dir):
+    run = ["--output-dir", str(tmp_path), "--run", "r", "--data-dir", data_dir]
+    assert run_cli("train", "--model", "mlp300", "--epochs", "1", *run).returncode == 0
+    assert _hparams(str(tmp_path / "r" / "logs" / "test"))["epochs"] == 1.0
+    assert run_cli("train", "--epochs", "2", *run).returncode == 0
+    assert _hparams(str(tmp_path / "r" / "logs" / "test"))["epochs"] == 2.0
+    assert len(glob.glob(str(tmp_path / "r" / "logs" / "test" / "*.hparams"))) == 1
 
 
 def test_exported_model_reproduces_the_accuracy_from_uint8_images(cnn_run, mnist):

@@ -29,6 +29,8 @@ METRICS = "metrics.json"
 CHECKPOINTS = "checkpoints"
 POINTER = f"{CHECKPOINTS}/checkpoint"
 LOGS = "logs"
+HPARAMS_LOG = (LOGS, "test")  # the TensorBoard run that holds a run's hparams (its session)
+HPARAMS_SUFFIX = ".hparams"  # the events file that holds them, apart from the scalars
 MODEL = "model"
 ANALYSIS = "analysis"
 # The files tf.saved_model writes last: a model/ folder holding them is complete.
@@ -196,6 +198,12 @@ class TrainingRun:
         """Record this run's config; return the history up to `start_step` (later epochs are trained again)."""
         self.local.write_json(CONFIG, self.config.to_dict())
         return [entry for entry in self.local.history() if entry["step"] <= start_step]
+
+    def drop_hparams(self) -> None:
+        """Remove the hparams an earlier attempt wrote (from the store: scratch never holds old logs)."""
+        for name in self.store.list("/".join(HPARAMS_LOG) + "/"):
+            if name.endswith(HPARAMS_SUFFIX):
+                self.store.delete(name)
 
     def record_history(self, history: list[dict[str, Any]]) -> None:
         """Keep the per-epoch metrics so far (shipped with the run)."""

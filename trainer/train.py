@@ -12,17 +12,19 @@ import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
 from trainer import actions, loop
-from trainer.config import Config, ConfigError, check_replicas
-from trainer.datasets import Split, load_split
+from trainer.config import ConfigError, check_replicas
+from trainer.datasets import load_split
 from trainer.distribute import PeerLost, any_worker, cluster_of, describe, is_chief, peer_failures, same_on_all_workers
 from trainer.learner import Learner
 from trainer.preemption import Preemption, StopSignal
-from trainer.run_dir import TrainingRun
+from trainer.run_dir import HPARAMS_LOG, HPARAMS_SUFFIX, TrainingRun
 from trainer.shipper import Shipper
 from trainer.storage import StoreUnavailable
 
 SAMPLE_IMAGES = 16  # training images shown in TensorBoard
-HPARAMS_LEFT_OUT = ("output_dir", "run", "data_dir")  # where a run is, not what it learns
+# What the HParams dashboard shows of a run: the settings that change what is learned (with `replicas`).
+HPARAMS = ("model", "dataset", "optimizer", "learning_rate", "schedule", "batch_size", "epochs", "augment",
+           "precision")
 
 
 def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
@@ -88,8 +90,12 @@ def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_st
     config = run.config
     train_writer = actions.summary_writer(run.local.path("logs", "train"), chief)
     test_writer = actions.summary_writer(run.local.path("logs", "test"), chief)
+    if chief:
+        _log_hparams(run, learner.strategy.num_replicas_in_sync)
     if start_step == 0 and chief:
-        _log_run_start(run.local.logs, train_writer, config, learner.train_split)
+        with train_writer.as_default(step=0):
+            tf.summary.image("inputs", learner.train_split.images[:SAMPLE_IMAGES].astype(np.float32) / 255.0,
+                             max_outputs=SAMPLE_IMAGES)
     learner.begin(start_step)
     console = actions.Console(schedule.total_steps, start_step, chief)
     try:
@@ -107,11 +113,11 @@ def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_st
     return summaries, evaluation
 
 
-def _log_run_start(logs: str, train_writer: tf.summary.SummaryWriter, config: Config, train: Split) -> None:
-    """Hyper-parameters (hparams plugin) for the run, and sample inputs in the train log."""
-    with tf.summary.create_file_writer(logs).as_default():
-        values = {k: v for k, v in config.flat().items() if k not in HPARAMS_LEFT_OUT}
-        hparams_api.hparams(values, trial_id=config.run.run)
-    with train_writer.as_default(step=0):
-        tf.summary.image("inputs", train.images[:SAMPLE_IMAGES].astype(np.float32) / 255.0,
-                         max_outputs=SAMPLE_IMAGES)
+def _log_hparams(run: TrainingRun, replicas: int) -> None:
+    """This attempt's hyper-parameters for the HParams dashboard, in the test log: its session is the run's test
+    run, whose accuracy and loss become the session's metrics. TensorBoard keeps the first hparams of a run, so
+    an earlier attempt's (a resume may change --epochs) are removed first."""
+    run.drop_hparams()
+    with tf.summary.create_file_writer(run.local.path(*HPARAMS_LOG), filename_suffix=HPARAMS_SUFFIX).as_default():
+        values = {k: v for k, v in run.config.flat().items() if k in HPARAMS}
+        hparams_api.hparams({**values, "replicas": replicas}, trial_id=run.config.run.run)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from typing import Any
 
 import matplotlib
@@ -15,7 +16,8 @@ import matplotlib
 matplotlib.use("Agg")
 import keras  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib import colors  # noqa: E402
+from matplotlib.ticker import MaxNLocator, PercentFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -29,6 +31,7 @@ from trainer.run_dir import ANALYSIS, LOGS, RunFolder, to_json  # noqa: E402
 OUTPUTS = (ANALYSIS, f"{LOGS}/{ANALYSIS}")
 FINGERPRINTS_PER_CLASS = 20
 OPTIMAL_STEPS = 400
+LABELLED_EPOCHS = 5  # curves of at most this many epochs get their values written beside the points
 
 
 @dataclasses.dataclass
@@ -61,13 +64,18 @@ def _save(fig: plt.Figure, path: str) -> None:
 
 
 def _grid(fig: plt.Figure, spec: Any, images: np.ndarray, titles: list[str], title: str) -> None:
-    sub = spec.subgridspec(3, 3)
+    sub = spec.subgridspec(3, 3, hspace=0.45)
     for i, (image, text) in enumerate(zip(images, titles)):
         ax = fig.add_subplot(sub[i // 3, i % 3])
         ax.imshow(image[..., 0], cmap="gray_r")
-        ax.set_title(text, fontsize=9)
+        ax.set_title(text, fontsize=10)
         ax.axis("off")
     fig.text(0.27 if "random" in title else 0.73, 0.98, title, ha="center", fontsize=12)
+
+
+def _confidence(probability: float) -> str:
+    """A probability as a percentage that never rounds up to a certainty it is not."""
+    return f"{probability:.2%}" if probability < 0.9999 else "> 99.99%"
 
 
 def predictions(inputs: Inputs, path: str, seed: int = 0) -> dict[str, Any]:
@@ -77,12 +85,12 @@ def predictions(inputs: Inputs, path: str, seed: int = 0) -> dict[str, Any]:
     random_ids = np.random.default_rng(seed).choice(len(inputs.test), 9, replace=False)
     wrong = np.flatnonzero(predicted != inputs.test.labels)
     worst = wrong[np.argsort(-confidence[wrong])][:9]
-    fig = plt.figure(figsize=(12, 6.5))
+    fig = plt.figure(figsize=(13, 7.5))
     outer = fig.add_gridspec(1, 2, wspace=0.15)
     for spec, ids, title in ((outer[0], random_ids, "9 random test images"),
                              (outer[1], worst, "most confidently wrong")):
         _grid(fig, spec, inputs.test.images[ids],
-              [f"pred {predicted[i]} ({confidence[i]:.0%}) / true {inputs.test.labels[i]}" for i in ids], title)
+              [f"pred {predicted[i]} ({_confidence(confidence[i])})\ntrue {inputs.test.labels[i]}" for i in ids], title)
     _save(fig, path)
     return {"random": random_ids.tolist(), "most_confidently_wrong": worst.tolist()}
 
@@ -97,54 +105,89 @@ def label_distribution(inputs: Inputs, path: str) -> dict[str, list[float]]:
         ax.bar(x + offset, values, width=0.4, label=f"{name} ({len(getattr(inputs, name)):,} images)")
     ax.set(xticks=x, xlabel="class", ylabel="share of images (%)",
            title=f"Label distribution, {inputs.config.data.dataset}")
-    ax.legend()
+    ax.set_ylim(0, 1.12 * max(max(v) for v in shares.values()))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     _save(fig, path)
     return {name: [round(v, 4) for v in values] for name, values in shares.items()}
 
 
 def curves(history: list[dict[str, Any]], path: str) -> dict[str, list[float]]:
-    """Train and test loss and accuracy per epoch, from the run's recorded history."""
+    """Train and test loss and accuracy per epoch, from the run's recorded history (values written beside the
+    points of a short run, whose few points make no curve)."""
     series = {f"{split}_{tag}": [entry[f"{split}_{tag}"] for entry in history]
               for split in ("train", "test") for tag in ("loss", "accuracy")}
     epochs = [entry["epoch"] for entry in history]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"wspace": 0.3})
     for ax, tag in zip(axes, ("loss", "accuracy")):
+        values = [v for split in ("train", "test") for v in series[f"{split}_{tag}"]]
         for split in ("train", "test"):
-            ax.plot(epochs, series[f"{split}_{tag}"], marker="o", label=split)
-        ax.set(xlabel="epoch", ylabel=tag, title=tag.capitalize())
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend()
+            points = series[f"{split}_{tag}"]
+            ax.plot(epochs, points, marker="o", label=split)
+            if len(epochs) <= LABELLED_EPOCHS:
+                for epoch, value in zip(epochs, points):
+                    text = f"{value:.2%}" if tag == "accuracy" else f"{value:.4f}"
+                    ax.annotate(text, (epoch, value), textcoords="offset points", xytext=(8, -3), fontsize=9)
+        if values:
+            low, high = min(values), max(values)
+            margin = max((high - low) * 0.15, 0.005 if tag == "accuracy" else 0.01)
+            ax.set_ylim(max(0.0, low - margin), min(1.0, high + margin) if tag == "accuracy" else high + margin)
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        if tag == "accuracy":
+            ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+        ax.set(xlabel="epoch", ylabel=tag, title=f"{tag.capitalize()} per epoch")
+        if len(epochs) <= LABELLED_EPOCHS:
+            ax.set_xticks(epochs)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(loc="best")
         ax.grid(alpha=0.3)
     _save(fig, path)
     return series
 
 
+def _text_colour(cmap: Any, norm: Any, value: float) -> str:
+    """White on dark cells, black on light ones."""
+    red, green, blue, _ = cmap(norm(value))
+    return "white" if 0.299 * red + 0.587 * green + 0.114 * blue < 0.5 else "black"
+
+
 def confusion(inputs: Inputs, path: str) -> dict[str, Any]:
-    """Heatmap of the test confusion matrix, with per-class precision and recall on the margins."""
+    """Heatmap of the test confusion matrix (log colour scale, counts written in), with per-class recall to the
+    right and precision below."""
     matrix = tf.math.confusion_matrix(inputs.test.labels, inputs.probabilities.argmax(axis=1),
                                       num_classes=NUM_CLASSES).numpy()
     metrics = summarize(matrix, 0.0)
-    fig = plt.figure(figsize=(8.5, 8))
-    grid = fig.add_gridspec(2, 2, width_ratios=(10, 1.3), height_ratios=(10, 1.3), wspace=0.05, hspace=0.05)
+    fig = plt.figure(figsize=(10, 9.5))
+    grid = fig.add_gridspec(2, 3, width_ratios=(10, 1.2, 0.4), height_ratios=(10, 1.2), wspace=0.08, hspace=0.08)
     ax = fig.add_subplot(grid[0, 0])
-    shown = ax.imshow(np.log1p(matrix), cmap="Blues", aspect="auto")
+    blues = plt.get_cmap("Blues")
+    counts = colors.SymLogNorm(linthresh=1, linscale=0.5, vmin=0, vmax=max(int(matrix.max()), 10), base=10)
+    shown = ax.imshow(matrix, cmap=blues, norm=counts, aspect="auto")
     for (row, col), count in np.ndenumerate(matrix):
-        ax.text(col, row, str(count), ha="center", va="center", fontsize=7,
-                color="white" if count > matrix.max() / 3 else "black")
+        ax.text(col, row, str(count), ha="center", va="center", fontsize=9,
+                color=_text_colour(blues, counts, count))
     ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), ylabel="true label")
-    fig.suptitle(f"Confusion matrix: accuracy {metrics['test_accuracy']:.2%} on {matrix.sum():,} test images")
     ax.xaxis.set_ticks_position("top")
+    fig.suptitle(f"Confusion matrix: accuracy {metrics['test_accuracy']:.2%} on {matrix.sum():,} test images",
+                 fontsize=13)
+    greens = plt.get_cmap("Greens")
+    shares = colors.Normalize(vmin=0.8, vmax=1.0)
     recall = fig.add_subplot(grid[0, 1])
-    recall.imshow(np.array(metrics["recall"])[:, None], cmap="Greens", vmin=0.8, vmax=1, aspect="auto")
+    recall.imshow(np.array(metrics["recall"])[:, None], cmap=greens, norm=shares, aspect="auto")
     for i, value in enumerate(metrics["recall"]):
-        recall.text(0, i, f"{value:.3f}", ha="center", va="center", fontsize=7)
-    recall.set(xticks=[0], xticklabels=["recall"], yticks=[])
+        recall.text(0, i, f"{value:.1%}", ha="center", va="center", fontsize=9, color=_text_colour(greens, shares, value))
+    recall.set(xticks=[], yticks=[])
+    recall.set_title("recall", fontsize=10)
     precision = fig.add_subplot(grid[1, 0])
-    precision.imshow(np.array(metrics["precision"])[None, :], cmap="Greens", vmin=0.8, vmax=1, aspect="auto")
+    precision.imshow(np.array(metrics["precision"])[None, :], cmap=greens, norm=shares, aspect="auto")
     for i, value in enumerate(metrics["precision"]):
-        precision.text(i, 0, f"{value:.3f}", ha="center", va="center", fontsize=7)
+        precision.text(i, 0, f"{value:.1%}", ha="center", va="center", fontsize=9,
+                       color=_text_colour(greens, shares, value))
     precision.set(yticks=[0], yticklabels=["precision"], xticks=range(NUM_CLASSES), xlabel="predicted label")
-    fig.colorbar(shown, ax=[ax, recall], shrink=0.6, label="log(1 + count)")
+    bar = fig.colorbar(shown, cax=fig.add_subplot(grid[0, 2]))
+    ticks = [t for t in (0, 1, 10, 100, 1000, 10000) if t <= counts.vmax]
+    bar.set_ticks(ticks, labels=[f"{t:,}" for t in ticks])
+    bar.set_label("test images (log scale)")
     _save(fig, path)
     return {"confusion_matrix": matrix.tolist(), "accuracy": metrics["test_accuracy"],
             "precision": metrics["precision"], "recall": metrics["recall"]}
@@ -235,12 +278,26 @@ def optimal_inputs(inputs: Inputs, path: str, l2: float, steps: int = OPTIMAL_ST
             "inputs": optimal}
 
 
-def to_tensorboard(logdir: str, pngs: dict[str, str]) -> None:
-    """The same PNG files as images in the run's TensorBoard (logs/analysis)."""
+def confusion_markdown(confusion: dict[str, Any]) -> str:
+    """The confusion matrix with recall and precision as a Markdown table: TensorBoard's Text tab shows it at a
+    readable size (its image cards shrink a wide plot)."""
+    header = "| true \\ predicted | " + " | ".join(str(c) for c in range(NUM_CLASSES)) + " | recall |"
+    rows = [header, "|" + "---|" * (NUM_CLASSES + 2)]
+    for label, (counts, recall) in enumerate(zip(confusion["confusion_matrix"], confusion["recall"])):
+        rows.append(f"| **{label}** | " + " | ".join(str(n) for n in counts) + f" | {recall:.1%} |")
+    rows.append("| precision | " + " | ".join(f"{p:.1%}" for p in confusion["precision"]) + " | |")
+    return f"Test accuracy **{confusion['accuracy']:.2%}**\n\n" + "\n".join(rows)
+
+
+def to_tensorboard(logdir: str, pngs: dict[str, str], confusion: dict[str, Any]) -> None:
+    """The PNG files as images in the run's TensorBoard (logs/analysis), and the confusion matrix as a table in
+    its Text tab; an earlier analysis is replaced."""
+    shutil.rmtree(logdir, ignore_errors=True)
     with tf.summary.create_file_writer(logdir).as_default(step=0):
         for name, path in pngs.items():
             image = tf.io.decode_png(tf.io.read_file(path), channels=4)
             tf.summary.image(name, image[tf.newaxis], max_outputs=1)
+        tf.summary.text("confusion_table", confusion_markdown(confusion))
 
 
 def analyze(folder: RunFolder, config: Config, l2: float = 0.25) -> dict[str, Any]:
@@ -267,6 +324,6 @@ def analyze(folder: RunFolder, config: Config, l2: float = 0.25) -> dict[str, An
     summary["files"] = sorted(os.path.basename(p) for p in written.values())
     with open(os.path.join(out, "summary.json"), "w") as f:
         f.write(to_json(summary))
-    to_tensorboard(folder.path(LOGS, ANALYSIS), written)
+    to_tensorboard(folder.path(LOGS, ANALYSIS), written, summary["confusion"])
     return summary
 

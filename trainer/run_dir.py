@@ -256,14 +256,19 @@ class ReadRun:
         return dataclasses.replace(config, data=dataclasses.replace(config.data, data_dir=data_dir))
 
     def publish(self, *parts: str) -> None:
-        """Send what a reader wrote under `parts` (folders of the run) back to the store."""
+        """Make the store's `parts` (folders of the run) what the reader wrote there, replacing earlier ones."""
         if self.store.local_root == self.folder.root:
             return
         for part in parts:
+            written = set()
             for base, _, files in os.walk(self.folder.path(part)):
                 for file in files:
                     path = os.path.join(base, file)
-                    self.store.upload(path, os.path.relpath(path, self.folder.root).replace(os.sep, "/"))
+                    name = os.path.relpath(path, self.folder.root).replace(os.sep, "/")
+                    self.store.upload(path, name)
+                    written.add(name)
+            for name in set(self.store.list(f"{part}/")) - written:
+                self.store.delete(name)
 
 
 def open_for_reading(output_dir: str, run: str, parts: tuple[str, ...]) -> ReadRun:

@@ -22,6 +22,16 @@ def test_every_command_has_help(command):
     assert result.returncode == 0 and "usage: python -m trainer" in result.stdout
 
 
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "analyze", "data"])
+def test_every_flag_has_help_that_shows_its_default(command):
+    result = run_cli(command, "--help", env={"COLUMNS": "1000"})  # one line per flag
+    options = result.stdout.split("options:\n")[1]
+    flags = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options)]  # a flag and its help
+    assert len(flags) > 3
+    for line in flags:
+        name = line.split()[0].rstrip(",")
+        assert name == "-h" or "(default: " in line or "(required)" in line, line
+
 def _earlier_run(tmp_path) -> tuple[str, dict[str, bytes]]:
     run = tmp_path / "runs" / "keep"
     run.mkdir(parents=True)

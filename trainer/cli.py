@@ -22,7 +22,7 @@ PEER_LOST_HOLD = 5.0  # seconds a survivor waits after reporting a lost peer bef
 def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--output-dir", default=config_lib.RunConfig.output_dir,
                         help="parent folder of run folders, or gs://BUCKET/PREFIX (default: %(default)s)")
-    parser.add_argument("--run", required=required, help="run folder name" + ("" if required else " (default: none)"))
+    parser.add_argument("--run", required=required, help="run folder name" + (" (required)" if required else " (default: none)"))
 
 
 def _add_data_dir_override(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--verbose", action="store_true", help="show TensorFlow's own start-up and C++ logs")
+        sub.add_argument("--verbose", action="store_true", help="show TensorFlow's own start-up and C++ logs (default: off)")
         return sub
 
     train = command("train", "train (or resume) a run, evaluate and export it; to resume, give the same "

@@ -285,9 +285,9 @@ def test_missing_bucket_and_missing_credentials_are_one_line_exit_2(emulator, da
     assert len(errors) == 1 and "no Google Cloud credentials" in errors[0]
 
 
-def test_restore_run_brings_only_the_latest_checkpoint(tmp_path):
+def test_restore_brings_the_checkpoints_the_pointer_keeps_and_nothing_else(tmp_path):
     store = LocalStore(str(tmp_path / "store"))
-    for step in (100, 200):
+    for step in (50, 100, 200):  # 50 is no longer named: left over, never restored
         store.write(f"checkpoints/ckpt-{step}.index", b"i")
         store.write(f"checkpoints/ckpt-{step}.data-00000-of-00001", b"d")
     store.write(POINTER, b'model_checkpoint_path: "ckpt-200"\nall_model_checkpoint_paths: "ckpt-100"\n'
@@ -295,5 +295,57 @@ def test_restore_run_brings_only_the_latest_checkpoint(tmp_path):
     store.write("config.json", b"{}")
     local = RunFolder(str(tmp_path / "scratch"))
     assert restore(store, local) == ["ckpt-100", "ckpt-200"]
-    assert sorted(os.listdir(local.checkpoints)) == ["checkpoint", "ckpt-200.data-00000-of-00001", "ckpt-200.index"]
+    assert sorted(os.listdir(local.checkpoints)) == ["checkpoint", "ckpt-100.data-00000-of-00001", "ckpt-100.index",
+                                                     "ckpt-200.data-00000-of-00001", "ckpt-200.index"]
+    assert parse_pointer(open(local.path(POINTER), "rb").read()) == ("ckpt-200", ["ckpt-100", "ckpt-200"])
     assert os.path.exists(local.path("config.json")) and not os.path.exists(local.path("metrics.json"))
+
+
+def _flip_bytes(data: bytes) -> bytes:
+    """Bit rot: a few bytes inverted in the middle."""
+    damaged = bytearray(data)
+    for i in range(len(damaged) // 2, len(damaged) // 2 + 8):
+        damaged[i] ^= 0xFF
+    return bytes(damaged)
+
+
+def test_a_damaged_newest_checkpoint_in_the_bucket_falls_back_to_an_older_one(bucket, data_dir, tmp_path):
+    args = ["train", "--model", "mlp300", "--checkpoint-every", "200", "--output-dir", f"gs://{bucket}/exp",
+            "--run", "r", "--data-dir", data_dir, "--scratch-dir", str(tmp_path)]
+    assert run_cli(*args, "--epochs", "1").returncode == 0  # checkpoints 200, 400, 600
+    blob = storage.Client().bucket(bucket).blob("exp/r/checkpoints/ckpt-600.data-00000-of-00001")
+    blob.upload_from_string(_flip_bytes(blob.download_as_bytes()))
+    result = run_cli(*args, "--epochs", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and f"checkpoint ckpt-600 of gs://{bucket}/exp/r does not load" in warnings[0]
+    assert "Checksum does not match" in warnings[0] and "Traceback" not in result.stderr
+    assert f"resuming gs://{bucket}/exp/r from step 400 of 1200" in result.stderr
+    store = GCSStore(f"gs://{bucket}/exp/r")
+    assert json.loads(store.read("metrics.json"))["steps"] == 1200
+    assert parse_pointer(store.read(POINTER)) == ("ckpt-1200", ["ckpt-800", "ckpt-1000", "ckpt-1200"])
+    assert _check_ordered_commit(bucket, "exp/r", str(tmp_path / "check")) == "checked"
+
+
+def test_a_run_with_no_intact_checkpoint_or_config_is_one_line_exit_2(data_dir, tmp_path):
+    args = ["train", "--model", "mlp300", "--checkpoint-every", "300", "--output-dir", str(tmp_path / "runs"),
+            "--run", "r", "--data-dir", data_dir]
+    assert run_cli(*args, "--epochs", "1").returncode == 0  # checkpoints 300, 600
+    folder = tmp_path / "runs" / "r"
+    (folder / "metrics.json").write_text("{not json")
+    result = run_cli(*args, "--epochs", "1")  # metrics.json is written again: a warning, then evaluated again
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "warning: run" in result.stderr and "ignoring its unreadable metrics.json" in result.stderr
+    assert json.loads((folder / "metrics.json").read_text())["steps"] == 600
+    for data in folder.glob("checkpoints/*.data-*"):
+        data.write_bytes(_flip_bytes(data.read_bytes()))
+    result = run_cli(*args, "--epochs", "2")
+    assert result.returncode == 2
+    errors = error_lines(result.stderr)
+    assert errors == [f"error: no checkpoint of {folder} loads (ckpt-600, ckpt-300: all damaged); remove its "
+                      "checkpoints/ to train it again from the start"], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    (folder / "config.json").write_bytes(b"\x00garbage")
+    result = run_cli(*args, "--epochs", "2")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: run {folder}: its config.json is unreadable")

@@ -88,14 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, print a one-line summary."""
     # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
-    run = run_dir.open_for_training(config_from_args(args), given_flags(args))
+    run = run_dir.open_for_training(config_from_args(args), given_flags(args), _warn)
     load_tensorflow(args.verbose)
     from trainer.distribute import PeerLost, make_strategy
     from trainer.train import train_and_evaluate
 
     try:
         strategy = make_strategy(run.config.runtime)  # before any other TF op: may split the CPU
-        metrics = train_and_evaluate(run, strategy, log=lambda m: print(m, file=sys.stderr))
+        metrics = train_and_evaluate(run, strategy, log=_warn)
     except PeerLost as lost:
         print(f"error: {lost}", file=sys.stderr, flush=True)
         sys.stdout.flush()
@@ -108,6 +108,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "
           f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  run folder: {run.url}")
     return 0
+
+
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

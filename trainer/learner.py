@@ -41,6 +41,8 @@ class Learner:
 
     def begin(self, start_step: int) -> None:
         """Position the input at `start_step` (the examples already trained on are skipped)."""
+        if start_step >= self.schedule.total_steps:
+            return  # fully trained (a run stopped before its metrics): only evaluation and export are left
         run = self.config.run
         dataset = self.strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(
             len(self.train_split), run.batch_size, run.epochs, run.seed, start_step, self.config.data.augment))

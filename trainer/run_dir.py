@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts, resumed
 from trainer.storage import Store, open_store, partial_path
@@ -154,8 +154,9 @@ def scratch_folder(config: Config) -> RunFolder:
 
 
 def restore(store: Store, local: RunFolder) -> list[str]:
-    """Bring a run's config, history, metrics and latest complete checkpoint from the store into an empty
-    local folder; return the checkpoints the store's pointer names (oldest first)."""
+    """Bring a run's config, history, metrics and the checkpoints its pointer keeps from the store into an empty
+    local folder (older ones too: a newest checkpoint that does not load falls back to them); return the kept
+    checkpoints, oldest first."""
     os.makedirs(local.checkpoints, exist_ok=True)
     for name in (CONFIG, HISTORY, METRICS):
         data = store.read(name)
@@ -168,10 +169,12 @@ def restore(store: Store, local: RunFolder) -> list[str]:
     latest, kept = parse_pointer(pointer)
     if latest is None:
         return []
-    for name in store.list(f"{CHECKPOINTS}/{latest}."):
-        store.download(name, local.path(*name.split("/")))
+    kept = [name for name in kept if name != latest] + [latest]
+    for checkpoint in kept:
+        for name in store.list(f"{CHECKPOINTS}/{checkpoint}."):
+            store.download(name, local.path(*name.split("/")))
     with open(local.path(*POINTER.split("/")), "wb") as f:
-        f.write(checkpoint_pointer(latest, [latest]))
+        f.write(checkpoint_pointer(latest, kept))
     return kept
 
 
@@ -214,7 +217,8 @@ class TrainingRun:
         self.local.write_json(METRICS, metrics)
 
 
-def open_for_training(config: Config, given: set[str] | None = None) -> TrainingRun:
+def open_for_training(config: Config, given: set[str] | None = None,
+                      log: Callable[[str], None] = print) -> TrainingRun:
     """Check the store and fill an emptied scratch folder from it. A run that exists is resumed: its saved
     settings, with this attempt's own and the `given` ones (all, if None) from `config`; a resume that would
     change what is learned is refused."""
@@ -227,7 +231,17 @@ def open_for_training(config: Config, given: set[str] | None = None) -> Training
     except PermissionError as error:
         raise ConfigError(f"cannot write the scratch folder {local.root} ({error.strerror}); "
                           "give --scratch-dir a folder you can write") from error
-    saved = local.read_json(CONFIG)
+    for name in (METRICS, HISTORY):  # results that are written again: an unreadable copy is dropped
+        try:
+            local.read_json(name)
+        except ConfigError as error:
+            log(f"warning: run {store.url}: ignoring its unreadable {name} ({error.__cause__}); it is written again")
+            os.remove(local.path(name))
+    try:
+        saved = local.read_json(CONFIG)
+    except ConfigError as error:
+        raise ConfigError(f"run {store.url}: its {CONFIG} is unreadable ({error.__cause__}); repair it, or remove it "
+                          "and give the run's flags again") from error
     if saved is not None:
         previous = config_from_dict(saved)
         config = resumed(previous, config, given)

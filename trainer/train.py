@@ -47,7 +47,9 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
         with peer_failures(cluster_of(strategy), on_lost=commit_saved):
             check_replicas(config.run.batch_size, strategy.num_replicas_in_sync)
             learner = Learner(config, strategy, train, test, schedule, run.local.checkpoints)
-            start_step = learner.checkpoints.restore()
+            start_step, unreadable = learner.checkpoints.restore(run.url, log)
+            # Damaged checkpoints are no longer named by the pointer (and deleted) once a new one is committed.
+            shipped = [name for name in run.shipped if name not in unreadable]
             if not same_on_all_workers(strategy, start_step):
                 raise PeerLost(f"the workers restored different checkpoints of {run.url} (worker 0's shipping was "
                                "still under way?); the group must restart")
@@ -57,7 +59,7 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
             history = run.start(start_step)
             if start_step:
                 log(f"resuming {run.url} from step {start_step} of {schedule.total_steps}")
-            shipper = Shipper(run.local, run.store, config.run.ship_every, run.shipped, log) if chief else None
+            shipper = Shipper(run.local, run.store, config.run.ship_every, shipped, log) if chief else None
             with shipper or contextlib.nullcontext():
                 summaries, evaluation = _train(run, learner, schedule, start_step, history, chief, stop, shipper)
                 metrics = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -349,3 +350,48 @@ def test_a_run_with_no_intact_checkpoint_or_config_is_one_line_exit_2(data_dir, 
     result = run_cli(*args, "--epochs", "2")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: run {folder}: its config.json is unreadable")
+
+
+def test_scratch_belongs_to_one_run(data_dir, tmp_path):
+    """Two runs of one name in two output dirs get two scratch folders; a scratch folder a live trainer holds
+    is refused to a second one (and left alone); a checkpoint of another model in scratch is never restored."""
+    from trainer.config import config_from_args
+    from trainer.run_dir import open_for_training, scratch_folder
+
+    common = {"run": "same", "data_dir": data_dir}
+    cnn = config_from_args({**common, "model": "cnn", "output_dir": str(tmp_path / "x")})
+    mlp = config_from_args({**common, "model": "mlp300", "output_dir": str(tmp_path / "y")})
+    assert scratch_folder(cnn).root != scratch_folder(mlp).root
+    shared = str(tmp_path / "scratch")
+    process = start_trainer("train", "--model", "cnn", "--epochs", "1", "--output-dir", str(tmp_path / "x"),
+                            "--run", "same", "--data-dir", data_dir, "--scratch-dir", shared)
+    try:
+        assert wait_until(lambda: os.path.exists(os.path.join(shared, "same", "checkpoints", "checkpoint")),
+                          process=process)
+        result = run_cli("train", "--model", "mlp300", "--epochs", "1", "--output-dir", str(tmp_path / "y"),
+                         "--run", "same", "--data-dir", data_dir, "--scratch-dir", shared)
+        assert result.returncode == 2
+        assert error_lines(result.stderr) == [
+            f"error: scratch folder {shared}/same is in use by another trainer (process {process.pid}); "
+            "give this one another --scratch-dir"]
+        assert os.path.exists(os.path.join(shared, "same", "checkpoints", "checkpoint"))  # not emptied
+    finally:
+        process.kill()
+        process.wait()
+    # Its holder gone, the folder is emptied and filled from the second run's own store: nothing of the cnn.
+    run = open_for_training(dataclasses.replace(mlp, run=dataclasses.replace(mlp.run, scratch_dir=shared)))
+    try:
+        assert os.listdir(run.local.checkpoints) == []
+    finally:
+        run.close()
+
+
+def test_a_checkpoint_of_another_model_is_a_config_error(data_dir, tmp_path):
+    args = ["--output-dir", str(tmp_path), "--run", "r", "--data-dir", data_dir, "--epochs", "1"]
+    assert run_cli("train", "--model", "mlp300", *args).returncode == 0
+    os.remove(tmp_path / "r" / "config.json")  # nothing left to tell the settings apart but the checkpoint
+    os.remove(tmp_path / "r" / "metrics.json")
+    result = run_cli("train", "--model", "mlp3x256", *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert error_lines(result.stderr)[0].startswith(f"error: checkpoint ckpt-600 of {tmp_path / 'r'} does not fit "
+                                                    "this model"), result.stderr[-2000:]

@@ -13,6 +13,8 @@ and is filled from the store (the store is the truth), and the Shipper mirrors i
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import os
 import re
@@ -147,10 +149,43 @@ def location(output_dir: str, run: str) -> str:
 
 
 def scratch_folder(config: Config) -> RunFolder:
-    """The local folder a run trains in: `<scratch_dir or system temp>/mnist-trainer-<uid>/<run>` (per user: the
-    system temp dir is shared)."""
-    base = config.run.scratch_dir or os.path.join(tempfile.gettempdir(), f"mnist-trainer-{os.getuid()}")
-    return RunFolder(os.path.join(base, config.run.run))
+    """The local folder a run trains in: `<scratch_dir>/<run>`, or by default
+    `<system temp>/mnist-trainer-<uid>/<run>-<hash of the run's location>` (per user, as the temp dir is shared;
+    per location, as two output dirs may hold runs of the same name)."""
+    if config.run.scratch_dir:
+        return RunFolder(os.path.join(config.run.scratch_dir, config.run.run))
+    where = hashlib.sha256(location(config.run.output_dir, config.run.run).encode()).hexdigest()[:10]
+    base = os.path.join(tempfile.gettempdir(), f"mnist-trainer-{os.getuid()}")
+    return RunFolder(os.path.join(base, f"{config.run.run}-{where}"))
+
+
+class ScratchLock:
+    """An exclusive lock on a scratch folder (a locked file beside it) for as long as a trainer uses it: no
+    other trainer empties or writes a scratch folder a live one holds. The kernel drops it when the holder dies."""
+
+    def __init__(self, folder: RunFolder) -> None:
+        path = folder.root + ".lock"
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except PermissionError as error:
+            raise ConfigError(f"cannot write the scratch folder {folder.root} ({error.strerror}); "
+                              "give --scratch-dir a folder you can write") from error
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 100, 0).decode(errors="replace").strip() or "?"
+            self.release()
+            raise ConfigError(f"scratch folder {folder.root} is in use by another trainer (process {holder}); "
+                              "give this one another --scratch-dir") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        """Let another trainer use the folder."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def restore(store: Store, local: RunFolder) -> list[str]:
@@ -186,6 +221,11 @@ class TrainingRun:
     store: Store
     local: RunFolder
     shipped: list[str]  # checkpoints the store's pointer kept, oldest first
+    lock: ScratchLock
+
+    def close(self) -> None:
+        """Release the scratch folder (its contents stay, a cache of the store)."""
+        self.lock.release()
 
     @property
     def url(self) -> str:
@@ -225,6 +265,16 @@ def open_for_training(config: Config, given: set[str] | None = None,
     store = open_store(location(config.run.output_dir, config.run.run), min(60.0, config.run.store_timeout))
     store.check()
     local = scratch_folder(config)
+    lock = ScratchLock(local)
+    try:
+        return _fill(config, given, log, store, local, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _fill(config: Config, given: set[str] | None, log: Callable[[str], None], store: Store, local: RunFolder,
+          lock: ScratchLock) -> TrainingRun:
     shutil.rmtree(local.root, ignore_errors=True)
     try:
         shipped = restore(store, local)
@@ -249,7 +299,7 @@ def open_for_training(config: Config, given: set[str] | None = None,
         if conflicts:
             shutil.rmtree(local.root, ignore_errors=True)
             raise ConfigError(f"run {store.url} was started with other settings ({'; '.join(conflicts)})")
-    return TrainingRun(config, store, local, shipped)
+    return TrainingRun(config, store, local, shipped, lock)
 
 
 @dataclasses.dataclass

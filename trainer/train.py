@@ -29,10 +29,11 @@ HPARAMS = ("model", "dataset", "optimizer", "learning_rate", "schedule", "batch_
 
 def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train (or resume) a run opened by run_dir.open_for_training, evaluate and export it; return its metrics."""
+    """Train (or resume) a run opened by run_dir.open_for_training, evaluate and export it; return its metrics.
+    The run is closed (its scratch folder released) at the end."""
     started = time.time()
     config = run.config
-    with StopSignal() as stop:
+    with StopSignal() as stop, contextlib.closing(run):
         train, test = load_split(config.data, "train"), load_split(config.data, "test")
         schedule = loop.Schedule.of(config.run, len(train))
         finished = run.finished(schedule.total_steps)

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -141,3 +142,42 @@ def test_refusals_that_need_no_tensorflow_answer_before_it_loads(tmp_path, argv,
     assert result.stdout == "False 2\n", result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ") and message in result.stderr
     assert sorted(os.listdir(runs)) == ["mlp"]  # nothing left behind
+
+
+def _small_run(data_dir: str) -> list[str]:
+    return ["train", "--model", "mlp300", "--epochs", "1", "--checkpoint-every", "200", "--data-dir", data_dir,
+            "--grace-seconds", "10"]
+
+
+@pytest.fixture(scope="module")
+def small_run_seconds(tmp_path_factory, data_dir) -> float:
+    """How long the small run takes from process start to exit, uninterrupted."""
+    started = time.monotonic()
+    assert run_cli(*_small_run(data_dir), "--output-dir", str(tmp_path_factory.mktemp("timing")),
+                   "--run", "r").returncode == 0
+    return time.monotonic() - started
+
+
+@pytest.mark.parametrize("fraction", [0.02, 0.3, 0.6, 0.85, 0.93, 0.98])
+def test_sigterm_at_any_moment_exits_75_within_the_grace_and_a_rerun_completes(tmp_path, data_dir, fraction,
+                                                                               small_run_seconds):
+    """SIGTERM at a point of a run's life (from start-up through training to the final evaluation, export and
+    metrics), as a fraction of its uninterrupted duration."""
+    args, duration = _small_run(data_dir), small_run_seconds
+    output = ["--output-dir", str(tmp_path / "runs"), "--run", "r"]
+    process = start_trainer(*args, *output)
+    time.sleep(fraction * duration)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert time.monotonic() - signalled < 10 + 3, stderr[-2000:]  # the grace, and the moment to notice it
+    if process.returncode == 0:  # it had finished
+        assert (tmp_path / "runs" / "r" / "metrics.json").exists()
+    else:
+        assert process.returncode == 75, stderr[-2000:]
+        assert "Traceback" not in stderr and len(error_lines(stderr)) == 1, stderr[-2000:]
+        assert error_lines(stderr)[0].startswith("error: interrupted by SIGTERM")
+    result = run_cli(*args, *output)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())
+    assert metrics["steps"] == 600 and metrics["test_accuracy"] > 0.9

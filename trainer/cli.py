@@ -9,11 +9,12 @@ import json
 import os
 import sys
 import time
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from trainer import config as config_lib
 from trainer import run_dir
 from trainer.config import EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args, fail, given_flags
+from trainer.preemption import StopSignal
 from trainer.runtime import load_tensorflow, set_tensorflow_env
 
 PEER_LOST_HOLD = 5.0  # seconds a survivor waits after reporting a lost peer before it exits
@@ -87,27 +88,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train, print a one-line summary."""
+    stop = StopSignal().install()  # SIGTERM from here on: a flag, checked at the end of every phase
     # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
-    run = run_dir.open_for_training(config_from_args(args), given_flags(args), _warn)
+    run = run_dir.open_for_training(config_from_args(args), given_flags(args), _warn, stop.check)
+    stop.check("while opening the run")
     load_tensorflow(args.verbose)
     from trainer.distribute import PeerLost, make_strategy
     from trainer.train import train_and_evaluate
 
     try:
         strategy = make_strategy(run.config.runtime)  # before any other TF op: may split the CPU
-        metrics = train_and_evaluate(run, strategy, log=_warn)
+        stop.check("while starting TensorFlow")
+        metrics = train_and_evaluate(run, strategy, stop, log=_warn)
     except PeerLost as lost:
-        print(f"error: {lost}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        # A peer that crashed must fail its pod before the survivors fail theirs: the group's failure policy
-        # acts on the first failure, and counts a crash (so a crash loop ends) but not a lost peer.
-        time.sleep(PEER_LOST_HOLD)
-        # Not sys.exit: TensorFlow's teardown would wait at the coordination service's shutdown barrier
-        # for the peer that is gone.
-        os._exit(lost.exit_code)
+        _exit_lost(lost)
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "
-          f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  run folder: {run.url}")
-    return 0
+          f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  run folder: {run.url}", flush=True)
+    sys.stderr.flush()
+    # Everything is written, shipped and flushed. Python's own shutdown would hand SIGTERM back to its default
+    # action while TensorFlow tears down (a second or so): a signal then would turn a finished run's exit into 143.
+    os._exit(0)
+
+
+def _exit_lost(lost: TrainerError) -> NoReturn:
+    """Report a lost peer and end the process with its code."""
+    print(f"error: {lost}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    # A peer that crashed must fail its pod before the survivors fail theirs: the group's failure policy
+    # acts on the first failure, and counts a crash (so a crash loop ends) but not a lost peer.
+    time.sleep(PEER_LOST_HOLD)
+    # Not sys.exit: TensorFlow's teardown would wait at the coordination service's shutdown barrier
+    # for the peer that is gone.
+    os._exit(lost.exit_code)
 
 
 def _warn(message: str) -> None:

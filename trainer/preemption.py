@@ -1,6 +1,9 @@
-"""SIGTERM (Kubernetes preemption or delete), in one place: the signal becomes a flag; after a chunk of steps,
-once every worker agrees, the run saves a checkpoint at that step, ships it within --grace-seconds of the
-signal and stops with `Interrupted` (exit 75: retried without counting, resumed from that checkpoint)."""
+"""SIGTERM (Kubernetes preemption or delete), in one place. From the start of `train` the signal is a flag
+(StopSignal). Before training, each phase ends with a check (nothing to save yet). After a chunk of steps, once
+every worker agrees, the run saves a checkpoint at that step; after the last step, the final evaluation and
+export are followed by the same check. Either way it ships within --grace-seconds of the signal and stops with
+`Interrupted` (exit 75: retried without counting, resumed from that checkpoint; a fully trained run is then
+only evaluated and exported)."""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ import signal
 import threading
 import time
 import types
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from trainer.actions import Checkpointing
 from trainer.config import EXIT_INTERRUPTED, TrainerError
 from trainer.loop import Progress
 from trainer.shipper import Shipper
+
+if TYPE_CHECKING:  # the entry point holds a StopSignal before TensorFlow (which actions.py imports) loads
+    from trainer.actions import Checkpointing
 
 
 class Interrupted(TrainerError):
@@ -21,10 +26,16 @@ class Interrupted(TrainerError):
 
     exit_code = EXIT_INTERRUPTED
 
-    def __init__(self, step: int, shipped: bool, where: str) -> None:
+    @classmethod
+    def after_saving(cls, step: int, shipped: bool, where: str) -> "Interrupted":
+        """SIGTERM arrived in training or after it: the checkpoint of `step` is saved (and shipped, or not)."""
         state = "shipped to" if shipped else "saved locally (could not reach the store in time) in"
-        super().__init__(f"interrupted by SIGTERM at step {step}; checkpoint {state} {where}; safe to retry")
-        self.step = step
+        return cls(f"interrupted by SIGTERM at step {step}; checkpoint {state} {where}; safe to retry")
+
+    @classmethod
+    def before_training(cls, phase: str) -> "Interrupted":
+        """SIGTERM arrived before anything was trained in this attempt."""
+        return cls(f"interrupted by SIGTERM {phase}, before training; nothing to save; safe to retry")
 
 
 class StopSignal:
@@ -40,6 +51,11 @@ class StopSignal:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
+    def install(self) -> "StopSignal":
+        """Take SIGTERM for the rest of the process (the entry point's use: a signal that comes after the work
+        is done, while the process winds down, must not kill it with the signal's own exit code)."""
+        return self.__enter__()
+
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -47,6 +63,11 @@ class StopSignal:
     def _handle(self, signum: int, frame: types.FrameType | None) -> None:
         self._received_at = time.monotonic()
         self._event.set()
+
+    def check(self, phase: str) -> None:
+        """Raise Interrupted if SIGTERM has arrived (at a point where nothing of this attempt is unsaved)."""
+        if self.requested:
+            raise Interrupted.before_training(phase)
 
     def remaining(self, grace: float) -> float:
         """Seconds left of a `grace`-second budget that started when SIGTERM arrived."""
@@ -71,10 +92,19 @@ class Preemption:
             return
         if self.checkpointing.saved_step != p.step:
             self.checkpointing.save(p.step, p.epoch)
-        if self.shipper is None:  # a worker other than the chief: its copy stays local
-            raise Interrupted(p.step, False, self.local_root)
-        shipped = self.shipper.flush(self.stop.remaining(self.grace))
-        raise Interrupted(p.step, shipped, self.shipper.store.url if shipped else self.local_root)
+        self._stop(p.step)
 
     def finish(self, step: int) -> None:
-        pass
+        # After the final evaluation and export: the last step's checkpoint is saved (an epoch's end).
+        if self.agree(self.stop.requested):
+            self._stop(step)
+
+    def limit(self) -> float:
+        """Seconds a blocking wait may take now: unbounded until SIGTERM, then what is left of the grace period."""
+        return self.stop.remaining(self.grace) if self.stop.requested else float("inf")
+
+    def _stop(self, step: int) -> None:
+        if self.shipper is None:  # a worker other than the chief: its copy stays local
+            raise Interrupted.after_saving(step, False, self.local_root)
+        shipped = self.shipper.flush(self.stop.remaining(self.grace))
+        raise Interrupted.after_saving(step, shipped, self.shipper.store.url if shipped else self.local_root)

@@ -188,10 +188,10 @@ class ScratchLock:
             self._fd = None
 
 
-def restore(store: Store, local: RunFolder) -> list[str]:
+def restore(store: Store, local: RunFolder, check: Callable[[str], None] | None = None) -> list[str]:
     """Bring a run's config, history, metrics and the checkpoints its pointer keeps from the store into an empty
     local folder (older ones too: a newest checkpoint that does not load falls back to them); return the kept
-    checkpoints, oldest first."""
+    checkpoints, oldest first. `check` is called between checkpoints (it may raise to stop)."""
     os.makedirs(local.checkpoints, exist_ok=True)
     for name in (CONFIG, HISTORY, METRICS):
         data = store.read(name)
@@ -206,6 +206,8 @@ def restore(store: Store, local: RunFolder) -> list[str]:
         return []
     kept = [name for name in kept if name != latest] + [latest]
     for checkpoint in kept:
+        if check is not None:
+            check("while restoring the run")
         for name in store.list(f"{CHECKPOINTS}/{checkpoint}."):
             store.download(name, local.path(*name.split("/")))
     with open(local.path(*POINTER.split("/")), "wb") as f:
@@ -257,8 +259,8 @@ class TrainingRun:
         self.local.write_json(METRICS, metrics)
 
 
-def open_for_training(config: Config, given: set[str] | None = None,
-                      log: Callable[[str], None] = print) -> TrainingRun:
+def open_for_training(config: Config, given: set[str] | None = None, log: Callable[[str], None] = print,
+                      check: Callable[[str], None] | None = None) -> TrainingRun:
     """Check the store and fill an emptied scratch folder from it. A run that exists is resumed: its saved
     settings, with this attempt's own and the `given` ones (all, if None) from `config`; a resume that would
     change what is learned is refused."""
@@ -267,17 +269,17 @@ def open_for_training(config: Config, given: set[str] | None = None,
     local = scratch_folder(config)
     lock = ScratchLock(local)
     try:
-        return _fill(config, given, log, store, local, lock)
+        return _fill(config, given, log, check, store, local, lock)
     except BaseException:
         lock.release()
         raise
 
 
-def _fill(config: Config, given: set[str] | None, log: Callable[[str], None], store: Store, local: RunFolder,
-          lock: ScratchLock) -> TrainingRun:
+def _fill(config: Config, given: set[str] | None, log: Callable[[str], None], check: Callable[[str], None] | None,
+          store: Store, local: RunFolder, lock: ScratchLock) -> TrainingRun:
     shutil.rmtree(local.root, ignore_errors=True)
     try:
-        shipped = restore(store, local)
+        shipped = restore(store, local, check)
     except PermissionError as error:
         raise ConfigError(f"cannot write the scratch folder {local.root} ({error.strerror}); "
                           "give --scratch-dir a folder you can write") from error

@@ -53,11 +53,12 @@ class Shipper:
         self._pending.append(os.path.basename(path))
         self._wake.set()
 
-    def flush(self, timeout: float) -> bool:
-        """Ship everything now, retrying until it is all in the store or `timeout` seconds pass."""
+    def flush(self, timeout: float, limit: Callable[[], float] | None = None) -> bool:
+        """Ship everything now, retrying until it is all in the store or `timeout` seconds pass (or, if `limit`
+        is given, the seconds it returns at any moment, whichever is less)."""
         deadline = time.monotonic() + timeout
         while True:
-            remaining = deadline - time.monotonic()
+            remaining = min(deadline - time.monotonic(), limit() if limit is not None else float("inf"))
             if remaining <= 0 or not self._pass_lock.acquire(timeout=remaining):
                 return False
             try:

@@ -16,7 +16,7 @@ from trainer.config import ConfigError, check_replicas
 from trainer.datasets import load_split
 from trainer.distribute import PeerLost, any_worker, cluster_of, describe, is_chief, peer_failures, same_on_all_workers
 from trainer.learner import Learner
-from trainer.preemption import Preemption, StopSignal
+from trainer.preemption import Interrupted, Preemption, StopSignal
 from trainer.run_dir import HPARAMS_LOG, HPARAMS_SUFFIX, TrainingRun
 from trainer.shipper import Shipper
 from trainer.storage import StoreUnavailable
@@ -27,14 +27,15 @@ HPARAMS = ("model", "dataset", "optimizer", "learning_rate", "schedule", "batch_
            "precision")
 
 
-def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
+def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy, stop: StopSignal | None = None,
                        log: Callable[[str], None] = print) -> dict[str, Any]:
     """Train (or resume) a run opened by run_dir.open_for_training, evaluate and export it; return its metrics.
-    The run is closed (its scratch folder released) at the end."""
+    `stop` is the entered StopSignal of the process (entered here if None). The run is closed at the end."""
     started = time.time()
     config = run.config
-    with StopSignal() as stop, contextlib.closing(run):
+    with contextlib.nullcontext(stop) if stop else StopSignal() as stop, contextlib.closing(run):
         train, test = load_split(config.data, "train"), load_split(config.data, "test")
+        stop.check("while loading the data")
         schedule = loop.Schedule.of(config.run, len(train))
         finished = run.finished(schedule.total_steps)
         if finished is not None:
@@ -58,11 +59,13 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
                 raise ConfigError(f"run {run.url} already trained {start_step} steps, more than "
                                   f"{config.run.epochs} epochs ({schedule.total_steps} steps)")
             history = run.start(start_step)
+            stop.check("while restoring the run")
             if start_step:
                 log(f"resuming {run.url} from step {start_step} of {schedule.total_steps}")
             shipper = Shipper(run.local, run.store, config.run.ship_every, shipped, log) if chief else None
             with shipper or contextlib.nullcontext():
-                summaries, evaluation = _train(run, learner, schedule, start_step, history, chief, stop, shipper)
+                summaries, evaluation, preemption = _train(run, learner, schedule, start_step, history, chief, stop,
+                                                           shipper)
                 metrics = {
                     **evaluation.last,
                     "steps": schedule.total_steps,
@@ -80,7 +83,9 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
                     "history": evaluation.history,
                 }
                 run.finish(metrics)
-                if shipper and not shipper.flush(config.run.store_timeout):
+                if shipper and not shipper.flush(config.run.store_timeout, preemption.limit):
+                    if stop.requested:
+                        raise Interrupted.after_saving(schedule.total_steps, False, run.local.root)
                     raise StoreUnavailable(f"could not ship the run to {run.url} ({shipper.last_error}); "
                                            f"everything is kept in {run.local.root}")
     return metrics
@@ -88,8 +93,9 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy,
 
 def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_step: int,
            history: list[dict[str, Any]], chief: bool, stop: StopSignal,
-           shipper: Shipper | None) -> tuple[actions.Summaries, actions.Evaluation]:
-    """The loop from start_step with its actions, in order; returns the summaries and evaluation actions."""
+           shipper: Shipper | None) -> tuple[actions.Summaries, actions.Evaluation, Preemption]:
+    """The loop from start_step with its actions, in order; returns the summaries, evaluation and preemption
+    actions."""
     config = run.config
     train_writer = actions.summary_writer(run.local.path("logs", "train"), chief)
     test_writer = actions.summary_writer(run.local.path("logs", "test"), chief)
@@ -109,11 +115,12 @@ def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_st
                                               lambda: (train_writer.flush(), test_writer.flush()))
         preemption = Preemption(stop, lambda flag: any_worker(learner.strategy, flag), checkpointing, shipper,
                                 config.run.grace_seconds, run.local.root)
+        # Export before preemption: a SIGTERM during the final evaluation or export stops after them.
         loop.run(learner.train_steps, schedule, start_step,
-                 [summaries, evaluation, checkpointing, preemption, actions.Export(learner.model, run.local.model)])
+                 [summaries, evaluation, checkpointing, actions.Export(learner.model, run.local.model), preemption])
     finally:
         console.close()
-    return summaries, evaluation
+    return summaries, evaluation, preemption
 
 
 def _log_hparams(run: TrainingRun, replicas: int) -> None:

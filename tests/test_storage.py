@@ -395,3 +395,33 @@ def test_a_checkpoint_of_another_model_is_a_config_error(data_dir, tmp_path):
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert error_lines(result.stderr)[0].startswith(f"error: checkpoint ckpt-600 of {tmp_path / 'r'} does not fit "
                                                     "this model"), result.stderr[-2000:]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1.5 MB file system (tmpfs; needs root, as CI has): room for one small checkpoint, not two."""
+    folder = tmp_path / "small-disk"
+    folder.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1500k", "tmpfs", str(folder)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    yield str(folder)
+    subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_a_full_scratch_disk_is_one_line_exit_74_and_the_store_stays_whole(small_disk, data_dir, tmp_path):
+    args = ["train", "--model", "mlp300", "--epochs", "1", "--checkpoint-every", "100", "--output-dir",
+            str(tmp_path / "runs"), "--run", "r", "--data-dir", data_dir]
+    result = run_cli(*args, "--scratch-dir", small_disk)
+    assert result.returncode == 74, result.stderr[-3000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and errors[0].startswith(f"error: no space left on the disk of {small_disk}/r/"), errors
+    assert "Traceback" not in result.stderr
+    store = LocalStore(str(tmp_path / "runs" / "r"))
+    latest, kept = parse_pointer(store.read(POINTER))  # what was shipped before the disk filled is whole
+    for name in kept:
+        reader = tf.train.load_checkpoint(os.path.join(store.root, "checkpoints", name))
+        assert reader.get_variable_to_shape_map()
+    result = run_cli(*args, "--scratch-dir", str(tmp_path / "roomy"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"from step {checkpoint_step(latest)} of 600" in result.stderr

@@ -7,15 +7,17 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 import time
 from typing import NoReturn, Sequence
 
 from trainer import config as config_lib
 from trainer import run_dir
-from trainer.config import EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args, fail, given_flags
+from trainer.config import EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args, fail, given_flags
 from trainer.preemption import StopSignal
 from trainer.runtime import load_tensorflow, set_tensorflow_env
+from trainer.storage import disk_full
 
 PEER_LOST_HOLD = 5.0  # seconds a survivor waits after reporting a lost peer before it exits
 
@@ -84,6 +86,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "data": cmd_data}[args.command](args)
     except TrainerError as error:
         fail(str(error), error.exit_code)
+    except Exception as error:
+        if not disk_full(error):
+            raise
+        path = getattr(error, "filename", None) or (re.findall(r"(?:^|\s)(/[^\s;:]+)", str(error)) or ["?"])[0]
+        fail(f"no space left on the disk of {path}: free space or give --scratch-dir a larger disk (the store "
+             "keeps what was shipped; a re-run resumes from it)", EXIT_STORE)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ EXIT_NO_CLUSTER = 3  # launcher: no kube config, or the API server did not answe
 EXIT_RUN_FAILED = 4  # launcher `wait`: the run failed
 EXIT_WAIT_TIMEOUT = 5  # launcher `wait`: still running when --timeout passed
 EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a peer of a multi-worker group was lost (or never joined): restart the group
-EXIT_STORE = 74  # EX_IOERR: the store stayed unreachable; results are kept in local scratch
+EXIT_STORE = 74  # EX_IOERR: the store stayed unreachable (results are kept in local scratch), or a local disk is full
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; safe to retry
 
 

@@ -7,6 +7,7 @@ Application Default Credentials, Workload Identity on GKE; `STORAGE_EMULATOR_HOS
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -17,6 +18,18 @@ from trainer.config import EXIT_STORE, ConfigError, TrainerError
 
 REQUEST_TIMEOUT = (5.0, 30.0)  # seconds to connect, to read, per HTTP request
 UPLOADS = ".uploads"  # store-side scratch for appended tails: hidden, so partial; no 'tfevents' in its names
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NO_SPACE_TEXT = tuple(os.strerror(code) for code in _NO_SPACE)  # "No space left on device", ...
+
+
+def disk_full(error: BaseException) -> bool:
+    """True if `error` says a local disk is full (or a quota or file-size limit reached): Python's OSError, or
+    TensorFlow's ResourceExhaustedError from writing a checkpoint, summary or SavedModel."""
+    if isinstance(error, OSError):
+        return error.errno in _NO_SPACE
+    return type(error).__name__ == "ResourceExhaustedError" and any(t in str(error) for t in _NO_SPACE_TEXT)
 
 
 def partial_path(path: str) -> str:

@@ -57,4 +57,5 @@ def run(rounds: int = 3) -> dict[str, Any]:
 
 def rows(s: dict[str, Any]) -> list[tuple[str, str]]:
     """This suite's line of the `make bench` table."""
-    return [("gs:// (emulator) vs local, examples/sec", f"{s['gcs_over_local']:.3f} x ({s['overhead_percent']}% overhead)")]
+    return [("gs:// (emulator) vs local, examples/sec",
+             f"{s['gcs_over_local']:.3f} x ({s['overhead_percent']}% overhead)")]

@@ -91,7 +91,8 @@ def rows(t: dict[str, Any]) -> list[tuple[str, str]]:
         (f"trainer examples/sec (cnn, batch {BATCH})", f"{e['trainer']:.0f}"),
         ("  vs tutorial loop", f"{t['trainer_over_tutorial_loop']:.2f} x ({e['tutorial_loop']:.0f}/s)"),
         ("  vs Keras fit", f"{t['trainer_over_keras_fit']:.2f} x ({e['keras_fit']:.0f}/s)"),
-        ("  vs Keras fit with oneDNN on", f"{t['trainer_over_keras_fit_onednn']:.2f} x ({e['keras_fit_onednn']:.0f}/s)"),
+        ("  vs Keras fit with oneDNN on",
+         f"{t['trainer_over_keras_fit_onednn']:.2f} x ({e['keras_fit_onednn']:.0f}/s)"),
         ("model FLOP/s vs matmul peak", f"{t['efficiency_percent']}% ({t['achieved_gflops']} of "
                                         f"{t['peak_matmul_gflops']} GFLOP/s)"),
         ("2 CPU replicas vs 1, same global batch", f"{t['two_replicas_over_one']:.2f} x"),

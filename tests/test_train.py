@@ -137,7 +137,8 @@ def test_predict_takes_folders_and_globs_detects_polarity_and_reports_each_bad_f
     for i, digit in enumerate(digits):
         Image.fromarray(digit).save(tmp_path / "mnist" / f"{i}.png")  # light digit on dark, as MNIST
         # Dark ink on white paper, in colour and three times the size.
-        Image.fromarray(255 - digit).resize((84, 84), Image.NEAREST).convert("RGB").save(tmp_path / "paper" / f"{i}.png")
+        paper = Image.fromarray(255 - digit).resize((84, 84), Image.NEAREST).convert("RGB")
+        paper.save(tmp_path / "paper" / f"{i}.png")
     (tmp_path / "notes.png").write_text("not an image")
     result = run_cli("predict", "--output-dir", config.run.output_dir, "--run", config.run.run,
                      str(tmp_path / "mnist"), str(tmp_path / "paper" / "*.png"), str(tmp_path / "notes.png"),

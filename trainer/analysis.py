@@ -175,7 +175,8 @@ def confusion(inputs: Inputs, path: str) -> dict[str, Any]:
     recall = fig.add_subplot(grid[0, 1])
     recall.imshow(np.array(metrics["recall"])[:, None], cmap=greens, norm=shares, aspect="auto")
     for i, value in enumerate(metrics["recall"]):
-        recall.text(0, i, f"{value:.1%}", ha="center", va="center", fontsize=9, color=_text_colour(greens, shares, value))
+        recall.text(0, i, f"{value:.1%}", ha="center", va="center", fontsize=9,
+                    color=_text_colour(greens, shares, value))
     recall.set(xticks=[], yticks=[])
     recall.set_title("recall", fontsize=10)
     precision = fig.add_subplot(grid[1, 0])

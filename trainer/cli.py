@@ -14,7 +14,8 @@ from typing import NoReturn, Sequence
 
 from trainer import config as config_lib
 from trainer import run_dir
-from trainer.config import EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args, fail, given_flags
+from trainer.config import (EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args,
+                            fail, given_flags)
 from trainer.preemption import StopSignal
 from trainer.runtime import load_tensorflow, set_tensorflow_env
 from trainer.storage import disk_full
@@ -25,7 +26,8 @@ PEER_LOST_HOLD = 5.0  # seconds a survivor waits after reporting a lost peer bef
 def _add_run_flags(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--output-dir", default=config_lib.RunConfig.output_dir,
                         help="parent folder of run folders, or gs://BUCKET/PREFIX (default: %(default)s)")
-    parser.add_argument("--run", required=required, help="run folder name" + (" (required)" if required else " (default: none)"))
+    parser.add_argument("--run", required=required,
+                        help="run folder name" + (" (required)" if required else " (default: none)"))
 
 
 def _add_data_dir_override(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--verbose", action="store_true", help="show TensorFlow's own start-up and C++ logs (default: off)")
+        sub.add_argument("--verbose", action="store_true",
+                         help="show TensorFlow's own start-up and C++ logs (default: off)")
         return sub
 
     train = command("train", "train (or resume) a run, evaluate and export it; to resume, give the same "
@@ -182,7 +185,8 @@ def _image_paths(given: list[str]) -> tuple[list[str], int]:
     paths, failed = [], 0
     for item in given:
         if os.path.isdir(item):
-            found = sorted(os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(config_lib.IMAGE_TYPES))
+            found = sorted(os.path.join(item, f) for f in os.listdir(item)
+                           if f.lower().endswith(config_lib.IMAGE_TYPES))
         elif os.path.isfile(item):
             found = [item]
         else:

@@ -67,7 +67,8 @@ def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, split: 
     return evaluate
 
 
-def evaluate_serving(serve: Callable[..., dict[str, tf.Tensor]], split: Split, batch: int = EVAL_BATCH) -> dict[str, Any]:
+def evaluate_serving(serve: Callable[..., dict[str, tf.Tensor]], split: Split,
+                     batch: int = EVAL_BATCH) -> dict[str, Any]:
     """Evaluate an exported `serving_default` signature on raw uint8 images."""
 
     def stats(images: np.ndarray, labels: np.ndarray) -> tuple[tf.Tensor, tf.Tensor]:

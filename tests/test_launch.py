@@ -505,3 +505,7 @@ def test_tensorboard_is_created_then_updated(api):
 def test_every_launcher_command_has_help(command):
     result = launch(command, "--help")
     assert result.returncode == 0 and "usage: python -m trainer.launch" in result.stdout
+    options = result.stdout.split("options:\n")[1]
+    for entry in re.split(r"\n(?=  -)", options):  # a flag and its help: every one shows its default
+        line = " ".join(entry.split())
+        assert line.startswith("-h") or "default" in line or "(required)" in line, line

@@ -55,20 +55,28 @@ def build_parser() -> argparse.ArgumentParser:
                      "Submit a training run: a Job on one node, a JobSet for --workers > 1. "
                      "Trainer flags (--model, --epochs, ...) go after `--`.",
                      usage="%(prog)s --image IMAGE --output-dir gs://BUCKET/PREFIX [options] [-- TRAINER FLAGS]")
-    submit.add_argument("--image", required=True, help="trainer image, e.g. REGISTRY/mnist-trainer:TAG")
-    submit.add_argument("--output-dir", required=True, help="gs://BUCKET/PREFIX the run is written to")
+    submit.add_argument("--image", required=True, help="trainer image, e.g. REGISTRY/mnist-trainer:TAG (required)")
+    submit.add_argument("--output-dir", required=True, help="gs://BUCKET/PREFIX the run is written to (required)")
     submit.add_argument("--run", help="run name (default: generated from model, dataset and time)")
-    submit.add_argument("--gpus", type=int, default=1, help="GPUs per worker (MirroredStrategy over them)")
-    submit.add_argument("--workers", type=int, default=1, help="nodes; >1 = a JobSet, MultiWorkerMirroredStrategy")
-    submit.add_argument("--gpu-type", default="", help="GKE accelerator node label, e.g. nvidia-l4")
-    submit.add_argument("--queue", default="", help="Kueue LocalQueue: the job waits until the whole group fits")
-    submit.add_argument("--priority", default="", help="Kueue WorkloadPriorityClass of the job")
+    submit.add_argument("--gpus", type=int, default=1,
+                        help="GPUs per worker (MirroredStrategy over them; default: %(default)s)")
+    submit.add_argument("--workers", type=int, default=1,
+                        help="nodes; >1 = a JobSet, MultiWorkerMirroredStrategy (default: %(default)s)")
+    submit.add_argument("--gpu-type", default="",
+                        help="GKE accelerator node label, e.g. nvidia-l4 (default: any GPU node)")
+    submit.add_argument("--queue", default="",
+                        help="Kueue LocalQueue: the job waits until the whole group fits (default: not queued)")
+    submit.add_argument("--priority", default="", help="Kueue WorkloadPriorityClass of the job (default: none)")
     submit.add_argument("--max-runtime", type=int, default=0,
-                        help="seconds a run (for --workers > 1: each attempt of the group) may take; 0 = no limit")
+                        help="seconds a run (for --workers > 1: each attempt of the group) may take; 0 = no limit "
+                             "(default: %(default)s)")
     submit.add_argument("--retries", type=int, default=JobSpec.retries,
-                        help="crashes retried before the run fails (preemption and lost peers are not counted)")
-    submit.add_argument("--gcp-service-account", default="", help="Google service account for Workload Identity")
-    submit.add_argument("--dry-run", action="store_true", help="print the YAML that would be sent; no cluster needed")
+                        help="crashes retried before the run fails (preemption and lost peers are not counted; "
+                             "default: %(default)s)")
+    submit.add_argument("--gcp-service-account", default="",
+                        help="Google service account for Workload Identity (default: none)")
+    submit.add_argument("--dry-run", action="store_true",
+                        help="print the YAML that would be sent; no cluster needed (default: off)")
 
     for name, text in (("status", "show a run's state, restarts and each pod's last exit code"),
                        ("cancel", "delete a run: its JobSet or Job, and their pods"),
@@ -76,21 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
         command(name, text).add_argument("run")
     wait = command("wait", "block until a run ends: exit 0 if it succeeded, 4 if it failed, 5 on --timeout")
     wait.add_argument("run")
-    wait.add_argument("--timeout", type=float, default=0, help="seconds to wait; 0 = no limit")
-    wait.add_argument("--interval", type=float, default=10, help="seconds between checks")
+    wait.add_argument("--timeout", type=float, default=0, help="seconds to wait; 0 = no limit (default: %(default)g)")
+    wait.add_argument("--interval", type=float, default=10, help="seconds between checks (default: %(default)g)")
     logs = command("logs", "print a run's logs")
     logs.add_argument("run")
-    logs.add_argument("--follow", "-f", action="store_true")
-    logs.add_argument("--worker", type=int, default=0, help="worker index of a multi-worker run")
-    logs.add_argument("--previous", action="store_true", help="the previous attempt of that worker, if kept")
+    logs.add_argument("--follow", "-f", action="store_true",
+                      help="keep printing as the logs grow (default: off)")
+    logs.add_argument("--worker", type=int, default=0, help="worker index of a multi-worker run (default: %(default)s)")
+    logs.add_argument("--previous", action="store_true",
+                      help="the previous attempt of that worker, if kept (default: off)")
     command("list", "list runs in the namespace")
     render = command("render", "write the example manifests of k8s/ (no cluster needed)")
     render.add_argument("folder", nargs="?", default="k8s")
 
     board = command("tensorboard", "deploy one shared TensorBoard over all runs")
-    board.add_argument("--image", required=True)
-    board.add_argument("--logdir", required=True, help="gs://BUCKET/PREFIX holding the runs")
-    board.add_argument("--dry-run", action="store_true")
+    board.add_argument("--image", required=True, help="an image with TensorBoard, e.g. the trainer's (required)")
+    board.add_argument("--logdir", required=True, help="gs://BUCKET/PREFIX holding the runs (required)")
+    board.add_argument("--dry-run", action="store_true",
+                       help="print the YAML that would be sent; no cluster needed (default: off)")
     return parser
 
 

@@ -109,6 +109,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     try:
         strategy = make_strategy(run.config.runtime)  # before any other TF op: may split the CPU
+        # The multi-worker runtime installs a SIGTERM handler of its own (TensorFlow's preemption notifier, in
+        # C++): without this, worker 0 trained on through a SIGTERM (seen in the group fault trials).
+        stop.install()
         stop.check("while starting TensorFlow")
         metrics = train_and_evaluate(run, strategy, stop, log=_warn)
     except PeerLost as lost:

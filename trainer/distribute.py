@@ -89,7 +89,9 @@ _UNHEALTHY = re.compile(r"unhealthy[^\n]*\n\s*/job:worker/replica:\d+/task:(\d+)
 _REMOTE = re.compile(r"(\\*)n?Additional GRPC error information from remote target /job:worker/replica:\d+/task:(\d+)")
 _REPORTER = re.compile(r"reported from /job:worker/(?:replica:\d+/)?task:(\d+)")
 _TO_LEADER = "CoordinationService/Heartbeat"
-_PROBE_SECONDS = 2.0
+# A live peer under load (the other survivors commit and flush at that moment) can take seconds to answer: with
+# 2 s, a busy worker 0 was taken for the lost one on a loaded 2-core machine.
+_PROBE_SECONDS = 5.0
 _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
                 tf.errors.AbortedError, tf.errors.InternalError)
 

@@ -26,11 +26,6 @@ class Checkpoints:
         self._directory = directory
         self._manager = tf.train.CheckpointManager(self._checkpoint, directory, max_to_keep=KEEP_CHECKPOINTS)
 
-    @property
-    def latest(self) -> str | None:
-        """Path prefix of the newest checkpoint, or None."""
-        return self._manager.latest_checkpoint
-
     def restore(self, where: str, log: Callable[[str], None]) -> tuple[int, list[str]]:
         """Restore the newest checkpoint that loads, falling back to older kept ones (each one that does not load
         is reported in one warning line); return the step to continue from and the names that did not load."""

@@ -159,6 +159,12 @@ def scratch_folder(config: Config) -> RunFolder:
     return RunFolder(os.path.join(base, f"{config.run.run}-{where}"))
 
 
+def _unwritable(folder: RunFolder, error: OSError) -> ConfigError:
+    """The error for a scratch folder this user cannot write."""
+    return ConfigError(f"cannot write the scratch folder {folder.root} ({error.strerror}); "
+                       "give --scratch-dir a folder you can write")
+
+
 class ScratchLock:
     """An exclusive lock on a scratch folder (a locked file beside it) for as long as a trainer uses it: no
     other trainer empties or writes a scratch folder a live one holds. The kernel drops it when the holder dies."""
@@ -169,8 +175,7 @@ class ScratchLock:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         except PermissionError as error:
-            raise ConfigError(f"cannot write the scratch folder {folder.root} ({error.strerror}); "
-                              "give --scratch-dir a folder you can write") from error
+            raise _unwritable(folder, error) from error
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -281,8 +286,7 @@ def _fill(config: Config, given: set[str] | None, log: Callable[[str], None], ch
     try:
         shipped = restore(store, local, check)
     except PermissionError as error:
-        raise ConfigError(f"cannot write the scratch folder {local.root} ({error.strerror}); "
-                          "give --scratch-dir a folder you can write") from error
+        raise _unwritable(local, error) from error
     for name in (METRICS, HISTORY):  # results that are written again: an unreadable copy is dropped
         try:
             local.read_json(name)

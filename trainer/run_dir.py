@@ -174,7 +174,7 @@ class ScratchLock:
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             self._fd: int | None = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        except PermissionError as error:
+        except OSError as error:  # not allowed, read-only, or under something that is no folder
             raise _unwritable(folder, error) from error
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -173,12 +173,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from trainer.export import predict_files
 
         for result in predict_files(model_dir, paths, args.polarity):
-            if len(result) == 2:
+            if result.error is not None:
                 failed += 1
-                print(f"error: {result[0]}: {result[1]}", file=sys.stderr)
+                print(f"error: {result.path}: {result.error}", file=sys.stderr)
             else:
-                path, label, probability, notes = result
-                print(f"{path}\t{label}\t{probability:.2%}\t{', '.join(notes)}", flush=True)
+                print(f"{result.path}\t{result.label}\t{result.probability:.2%}\t{', '.join(result.notes)}",
+                      flush=True)
     return EXIT_USAGE if failed else 0
 
 

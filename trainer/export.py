@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any, Callable
+from typing import Callable, NamedTuple
 
 import keras
 import numpy as np
@@ -80,22 +80,31 @@ def read_image(path: str, polarity: str = "auto") -> tuple[np.ndarray, list[str]
     return np.clip(np.round(pixels), 0, 255).astype(np.uint8), notes
 
 
-def predict_files(model_dir: str, paths: list[str], polarity: str = "auto"
-                  ) -> list[tuple[str, int, float, list[str]] | tuple[str, ImageError]]:
-    """For each image file, (path, class, probability, conversion notes), or (path, error) if it cannot be read."""
+class Prediction(NamedTuple):
+    """What predict says of one image file: its class, or why it has none."""
+
+    path: str
+    label: int = -1
+    probability: float = 0.0
+    notes: tuple[str, ...] = ()  # the conversions made
+    error: ImageError | None = None
+
+
+def predict_files(model_dir: str, paths: list[str], polarity: str = "auto") -> list[Prediction]:
+    """A Prediction for each image file, in order; files that cannot be read carry their error."""
     serve = load_serving(model_dir)
     read: list[tuple[str, np.ndarray, list[str]]] = []
-    results: dict[str, Any] = {}
+    results: dict[str, Prediction] = {}
     for path in paths:
         try:
             image, notes = read_image(path, polarity)
         except ImageError as error:
-            results[path] = (path, error)
+            results[path] = Prediction(path, error=error)
             continue
         read.append((path, image, notes))
     if read:
         out = serve(images=tf.constant(np.stack([image for _, image, _ in read])))
         classes, probabilities = out["classes"].numpy(), out["probabilities"].numpy()
         for i, (path, _, notes) in enumerate(read):
-            results[path] = (path, int(classes[i]), float(probabilities[i, classes[i]]), notes)
+            results[path] = Prediction(path, int(classes[i]), float(probabilities[i, classes[i]]), tuple(notes))
     return [results[path] for path in paths]

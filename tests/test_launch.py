@@ -16,10 +16,11 @@ import yaml
 import kubernetes_validate
 
 from conftest import ROOT, error_lines
+from group import pod_env
 from jobset_policy import job_failure, jobset_action
 from kube import KubeAPI
+from trainer.cluster import INDEX_ENV, JOB_ENV, WORKERS_ENV, configure_cluster
 from trainer.config import DATASETS, PRESETS, build_config
-from trainer.distribute import INDEX_ENV, WORKERS_ENV, configure_cluster
 from trainer.launch.cli import job_spec, parse, render_examples
 from trainer.launch.manifests import (JobSpec, longest_name, run_name_problem, service_account,
                                       tensorboard_objects, training_objects)
@@ -139,13 +140,14 @@ def test_single_node_job():
     assert job["spec"]["backoffLimit"] == 4 and job["spec"]["ttlSecondsAfterFinished"] > 0
     rules = job["spec"]["podFailurePolicy"]["rules"]
     assert [(r["action"], r.get("onExitCodes", {}).get("values")) for r in rules] == [
-        ("FailJob", [2]), ("Ignore", [75]), ("Ignore", None)]
+        ("FailJob", [2, 73]), ("Ignore", [75]), ("Ignore", None)]
     assert rules[2]["onPodConditions"][0]["type"] == "DisruptionTarget"
     assert job["metadata"]["labels"]["mnist-trainer/run"] == "r1"
     assert container["args"][:8] == ["train", "--output-dir", "gs://b/runs", "--run", "r1", "--scratch-dir",
                                      "/scratch", "--grace-seconds"]
     assert container["args"][-2:] == ["--model", "cnn"]
-    assert "completionMode" not in job["spec"] and "env" not in container and "activeDeadlineSeconds" not in job["spec"]
+    assert "completionMode" not in job["spec"] and "activeDeadlineSeconds" not in job["spec"]
+    assert pod_env(container, "team") == {"POD_NAMESPACE": "team", "TRAINER_JOB": "team/r1"}  # no TRAINER_WORKERS
     text = yaml.safe_dump(job)
     assert "secret" not in text.lower() and "key.json" not in text and "kueue" not in text
 
@@ -169,7 +171,8 @@ def test_multi_worker_jobset_and_tf_config_from_the_same_code(monkeypatch):
     assert replicated["replicas"] == 1 and job["completionMode"] == "Indexed" and job["completions"] == 2
     assert job["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}  # worker 0 done: the run is done
     assert "subdomain" not in job["template"]["spec"]  # JobSet sets it
-    env = {e["name"]: e["value"] for e in _container(replicated["template"])["env"]}
+    env = pod_env(_container(replicated["template"]), "team")
+    assert env[JOB_ENV] == "team/r2"  # the same in every attempt of the group: it may take the lease over
     monkeypatch.setenv("TF_CONFIG", "")
     config = configure_cluster({**env, INDEX_ENV: "1"})  # what the container does at start
     # JobSet's pod hostnames <jobset>-<replicated job>-<job index>-<pod index> under its Service <jobset>.

@@ -18,6 +18,7 @@ from google.cloud import storage
 
 from conftest import ROOT, checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
 from gcs import Emulator, FlakyProxy
+from trainer.lease import LEASE
 from trainer.run_dir import POINTER, RunFolder, checkpoint_step, parse_pointer, restore
 from trainer.shipper import Shipper
 from trainer.storage import GCSStore, LocalStore
@@ -51,9 +52,12 @@ def test_store_contract(store, tmp_path):
     assert store.read("a/b.txt") is None and list(store.list()) == ["c/f.bin"]
 
 
-def _blobs(bucket: str, prefix: str) -> dict[str, bytes]:
+def _shipped(bucket: str, prefix: str) -> dict[str, bytes]:
+    """The objects of a finished run in the bucket, but for its lease (the store's own), which must be given up."""
     client = storage.Client()
-    return {b.name[len(prefix) + 1:]: b.download_as_bytes() for b in client.list_blobs(bucket, prefix=prefix + "/")}
+    found = {b.name[len(prefix) + 1:]: b.download_as_bytes() for b in client.list_blobs(bucket, prefix=prefix + "/")}
+    assert json.loads(found.pop(LEASE))["released"] is True
+    return found
 
 
 def _local_files(root: str) -> dict[str, bytes]:
@@ -71,7 +75,7 @@ def test_whole_run_to_gcs_is_byte_for_byte_and_evaluate_reads_it(bucket, data_di
                      "--data-dir", data_dir, "--scratch-dir", str(scratch), "--ship-every", "1")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"run folder: gs://{bucket}/exp/r1" in result.stdout
-    stored = _blobs(bucket, "exp/r1")
+    stored = _shipped(bucket, "exp/r1")
     local = _local_files(str(scratch / "r1"))
     assert set(stored) == set(local)
     for name in set(local) - {POINTER}:
@@ -120,15 +124,16 @@ def test_event_files_are_appended_not_resent(bucket, emulator, tmp_path, monkeyp
 
 def test_resume_on_an_empty_machine_from_the_bucket(bucket, data_dir, tmp_path):
     args = [*TRAIN, "--epochs", "2", "--output-dir", f"gs://{bucket}/exp", "--run", "r", "--data-dir", data_dir,
-            "--checkpoint-every", "100", "--ship-every", "0.5"]
-    process = start_trainer(*args, "--scratch-dir", str(tmp_path / "a"))
+            "--checkpoint-every", "100", "--ship-every", "0.5", "--lease-seconds", "3"]
+    job = {"TRAINER_JOB": "team/r"}  # pods of one Job: the new one waits out the dead one's lease
+    process = start_trainer(*args, "--scratch-dir", str(tmp_path / "a"), env=job)
     store = GCSStore(f"gs://{bucket}/exp/r")
     assert wait_until(lambda: checkpoint_steps(store.list("checkpoints/")), process=process)
     process.kill()  # the machine is gone, its scratch too
     process.wait()
     step = checkpoint_step(parse_pointer(store.read(POINTER))[0])
     assert 0 < step < 2 * TOTAL
-    result = run_cli(*args, "--scratch-dir", str(tmp_path / "b"))
+    result = run_cli(*args, "--scratch-dir", str(tmp_path / "b"), env=job)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resuming gs://{bucket}/exp/r from step " in result.stderr
     resumed_from = int(result.stderr.split(f"resuming gs://{bucket}/exp/r from step ")[1].split()[0])
@@ -236,7 +241,7 @@ def test_a_flaky_server_is_retried_and_the_run_arrives_whole(emulator, data_dir,
         proxy.stop()
     assert result.returncode == 0, result.stderr[-3000:]
     assert proxy.failures >= 5 and proxy.requests > proxy.failures
-    stored = _blobs("flaky", "exp/r")
+    stored = _shipped("flaky", "exp/r")
     local = _local_files(str(tmp_path / "r"))
     assert set(stored) == set(local) and all(stored[n] == local[n] for n in set(local) - {POINTER})
 

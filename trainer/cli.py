@@ -14,6 +14,7 @@ from typing import NoReturn, Sequence
 
 from trainer import config as config_lib
 from trainer import run_dir
+from trainer.cluster import this_task
 from trainer.config import (EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args,
                             fail, given_flags)
 from trainer.preemption import StopSignal
@@ -101,7 +102,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train, print a one-line summary."""
     stop = StopSignal().install()  # SIGTERM from here on: a flag, checked at the end of every phase
     # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
-    run = run_dir.open_for_training(config_from_args(args), given_flags(args), _warn, stop.check)
+    run = run_dir.open_for_training(config_from_args(args), this_task(), given_flags(args), _warn, stop.check)
     stop.check("while opening the run")
     load_tensorflow(args.verbose)
     from trainer.distribute import PeerLost, make_strategy

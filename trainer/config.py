@@ -28,8 +28,9 @@ EXIT_NO_CLUSTER = 3  # launcher: no kube config, or the API server did not answe
 EXIT_RUN_FAILED = 4  # launcher `wait`: the run failed
 EXIT_WAIT_TIMEOUT = 5  # launcher `wait`: still running when --timeout passed
 EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a peer of a multi-worker group was lost (or never joined): restart the group
+EXIT_LEASED = 73  # EX_CANTCREAT: another live trainer holds the run's lease: never retried (wait, or another --run)
 EXIT_STORE = 74  # EX_IOERR: the store stayed unreachable (results are kept in local scratch), or a local disk is full
-EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint; safe to retry
+EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early with its work saved (SIGTERM, or the run's lease was lost); retry
 
 
 # Each reference tutorial's published recipe, plus our own stronger model.
@@ -135,6 +136,8 @@ class RunConfig:
     # 25 s fits Kubernetes' default 30 s termination grace period.
     grace_seconds: float = _setting(25.0, "after SIGTERM: save, upload and exit within this many seconds")
     store_timeout: float = _setting(300.0, "seconds the final upload retries an unreachable store before giving up")
+    lease_seconds: float = _setting(
+        60.0, "the run's lease (one writer per run) expires this long after its holder stopped renewing it")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,7 +237,7 @@ RESUME_KEYS = (
 # unless its flag is given.
 ATTEMPT_KEYS = (
     "output_dir", "run", "scratch_dir", "ship_every", "grace_seconds", "store_timeout", "data_dir", "data_source",
-    "cpu_replicas", "jit_compile", "peer_timeout", "startup_timeout",
+    "cpu_replicas", "jit_compile", "peer_timeout", "startup_timeout", "lease_seconds",
 )
 
 
@@ -293,7 +296,7 @@ def validate(config: Config) -> None:
     _choice("lr_scaling", c["lr_scaling"], LR_SCALINGS)
     _choice("precision", c["precision"], PRECISIONS)
     for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop", "ship_every", "grace_seconds",
-                "store_timeout", "peer_timeout", "startup_timeout"):
+                "store_timeout", "peer_timeout", "startup_timeout", "lease_seconds"):
         if c[key] <= 0:
             raise ConfigError(f"{flag(key)} must be positive, got {c[key]}")
     if c["warmup_epochs"] < 0 or c["warmup_epochs"] > c["epochs"]:

@@ -1,17 +1,14 @@
 """make_strategy(runtime config) -> tf.distribute.Strategy, created once and passed down; which worker is the
 chief; decisions all workers take alike; and lost peers (PeerLost, exit 69).
 
-One node: MirroredStrategy over its GPUs (or N logical CPUs). Several nodes: MultiWorkerMirroredStrategy,
-with TF_CONFIG built at start from TRAINER_WORKERS (every worker's host:port, set by the launcher)
-and the pod's JOB_COMPLETION_INDEX (set by Kubernetes for Indexed Jobs).
+One node: MirroredStrategy over its GPUs (or N logical CPUs). Several nodes: MultiWorkerMirroredStrategy over
+the cluster trainer.cluster describes (TF_CONFIG).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import json
-import os
 import re
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -19,52 +16,14 @@ import tensorflow as tf
 from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
 from tensorflow.python.eager import context as tf_context
 
+from trainer.cluster import configure_cluster
 from trainer.config import EXIT_PEER_LOST, ConfigError, RuntimeConfig, TrainerError
-
-WORKERS_ENV = "TRAINER_WORKERS"
-INDEX_ENV = "JOB_COMPLETION_INDEX"
-_ADDRESS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?:[0-9]{1,5}$")
 
 
 class PeerLost(TrainerError):
     """A worker of the group died, froze or never joined; the group must be restarted as a whole."""
 
     exit_code = EXIT_PEER_LOST
-
-
-def tf_config(workers: list[str], index: int) -> dict[str, Any]:
-    """The TF_CONFIG of worker `index` in a cluster of `workers` (host:port each), validated."""
-    if len(workers) < 2:
-        raise ConfigError(f"a multi-worker cluster needs at least 2 workers, got {len(workers)}")
-    for address in workers:
-        if not _ADDRESS.match(address) or not 0 < int(address.rsplit(":", 1)[1]) < 65536:
-            raise ConfigError(f"bad worker address {address!r} (want host:port)")
-    if len(set(workers)) != len(workers):
-        raise ConfigError(f"duplicate worker addresses in {workers}")
-    if not 0 <= index < len(workers):
-        raise ConfigError(f"worker index {index} is outside 0..{len(workers) - 1}")
-    return {"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}}
-
-
-def configure_cluster(environ: Mapping[str, str] = os.environ) -> dict[str, Any] | None:
-    """Build and export TF_CONFIG from TRAINER_WORKERS and JOB_COMPLETION_INDEX, or validate a given
-    TF_CONFIG; None on a single node."""
-    if environ.get("TF_CONFIG"):
-        try:
-            given = json.loads(environ["TF_CONFIG"])
-            config = tf_config(given["cluster"]["worker"], int(given["task"]["index"]))
-        except (ValueError, KeyError, TypeError) as error:
-            raise ConfigError(f"unusable TF_CONFIG: {error}") from error
-        return config
-    if not environ.get(WORKERS_ENV):
-        return None
-    try:
-        index = int(environ.get(INDEX_ENV, ""))
-    except ValueError as error:
-        raise ConfigError(f"{WORKERS_ENV} is set but {INDEX_ENV} is not a number") from error
-    config = tf_config(environ[WORKERS_ENV].split(","), index)
-    os.environ["TF_CONFIG"] = json.dumps(config)
-    return config
 
 
 def _configure_coordination(runtime: RuntimeConfig, workers: int) -> None:
@@ -203,14 +162,6 @@ def _mirrored(devices: tuple[str, ...] | None) -> tf.distribute.MirroredStrategy
     # One strategy per device set and process: two MirroredStrategy objects over the same devices
     # reuse collective keys, and their all-reduces of differently shaped models collide (TF issue 62790).
     return tf.distribute.MirroredStrategy(devices=list(devices) if devices else None)
-
-
-def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """True on the worker that writes the run (worker 0 of our clusters), and always on a single node."""
-    resolver = getattr(strategy, "cluster_resolver", None)
-    if resolver is None or not resolver.task_type:
-        return True
-    return resolver.task_type == "chief" or (resolver.task_type == "worker" and resolver.task_id == 0)
 
 
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:

@@ -88,6 +88,8 @@ class Preemption:
         self.grace, self.local_root = grace, local_root
 
     def __call__(self, p: Progress) -> None:
+        if self.shipper is not None and self.shipper.lost is not None:
+            raise self.shipper.lost  # another trainer writes the run now: nothing of ours may reach it
         if not self.agree(self.stop.requested):
             return
         if self.checkpointing.saved_step != p.step:
@@ -108,4 +110,6 @@ class Preemption:
         if self.shipper is None:  # a worker other than the chief: its copy stays local
             raise Interrupted.after_saving(step, False, self.local_root)
         shipped = self.shipper.flush(self.stop.remaining(self.grace))
+        if self.shipper.lost is not None:
+            raise self.shipper.lost
         raise Interrupted.after_saving(step, shipped, self.shipper.store.url if shipped else self.local_root)

@@ -19,10 +19,13 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 from typing import Any, Callable
 
+from trainer.cluster import Task
 from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts, resumed
+from trainer.lease import Lease
 from trainer.storage import Store, open_store, partial_path
 
 CONFIG = "config.json"
@@ -185,12 +188,24 @@ class ScratchLock:
                               "give this one another --scratch-dir") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+        stat = os.fstat(self._fd)
+        # The lock file itself, machine-wide: a lease recorded with this id was held by a trainer that held
+        # this lock, so once it is ours, that trainer has exited.
+        self.identity = f"{_boot_id()}:{stat.st_dev}:{stat.st_ino}"
 
     def release(self) -> None:
         """Let another trainer use the folder."""
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return socket.gethostname()
 
 
 def restore(store: Store, local: RunFolder, check: Callable[[str], None] | None = None) -> list[str]:
@@ -229,9 +244,13 @@ class TrainingRun:
     local: RunFolder
     shipped: list[str]  # checkpoints the store's pointer kept, oldest first
     lock: ScratchLock
+    lease: Lease | None  # the chief's; other workers never write the store
+    task: Task
 
     def close(self) -> None:
-        """Release the scratch folder (its contents stay, a cache of the store)."""
+        """Release the run's lease and the scratch folder (its contents stay, a cache of the store)."""
+        if self.lease is not None:
+            self.lease.release()
         self.lock.release()
 
     @property
@@ -264,24 +283,50 @@ class TrainingRun:
         self.local.write_json(METRICS, metrics)
 
 
-def open_for_training(config: Config, given: set[str] | None = None, log: Callable[[str], None] = print,
-                      check: Callable[[str], None] | None = None) -> TrainingRun:
-    """Check the store and fill an emptied scratch folder from it. A run that exists is resumed: its saved
-    settings, with this attempt's own and the `given` ones (all, if None) from `config`; a resume that would
-    change what is learned is refused."""
-    store = open_store(location(config.run.output_dir, config.run.run), min(60.0, config.run.store_timeout))
+def open_for_training(config: Config, task: Task = Task(), given: set[str] | None = None,
+                      log: Callable[[str], None] = print, check: Callable[[str], None] | None = None) -> TrainingRun:
+    """Check the store, take the run's lease (the chief), and fill an emptied scratch folder from the store. A
+    run that exists is resumed: its saved settings, with this attempt's own and the `given` ones (all, if None)
+    from `config`; a resume that would change what is learned is refused."""
+    where = location(config.run.output_dir, config.run.run)
+    store = open_store(where, min(60.0, config.run.store_timeout))
     store.check()
     local = scratch_folder(config)
     lock = ScratchLock(local)
+    lease = None
     try:
-        return _fill(config, given, log, check, store, local, lock)
+        config = _settings(config, given, store)  # before the lease: a refused resume writes nothing
+        if task.chief:  # its own store: each renewal gives up retrying before the next one is due
+            lease = Lease(open_store(where, config.run.lease_seconds / 4), config.run.lease_seconds, task.job,
+                          lock.identity, log).acquire(check)
+        return TrainingRun(config, store, local, _fill(log, check, store, local), lock, lease, task)
     except BaseException:
+        if lease is not None:
+            lease.release()
         lock.release()
         raise
 
 
-def _fill(config: Config, given: set[str] | None, log: Callable[[str], None], check: Callable[[str], None] | None,
-          store: Store, local: RunFolder, lock: ScratchLock) -> TrainingRun:
+def _settings(config: Config, given: set[str] | None, store: Store) -> Config:
+    """The settings of this attempt: `config`, or for a run that exists its saved ones resumed with `config`'s."""
+    data = store.read(CONFIG)
+    if data is None:
+        return config
+    try:
+        previous = config_from_dict(json.loads(data))
+    except (ValueError, KeyError, TypeError) as error:
+        raise ConfigError(f"run {store.url}: its {CONFIG} is unreadable ({error}); repair it, or remove it and give "
+                          "the run's flags again") from error
+    config = resumed(previous, config, given)
+    conflicts = resume_conflicts(previous, config)
+    if conflicts:
+        raise ConfigError(f"run {store.url} was started with other settings ({'; '.join(conflicts)})")
+    return config
+
+
+def _fill(log: Callable[[str], None], check: Callable[[str], None] | None, store: Store,
+          local: RunFolder) -> list[str]:
+    """Empty the scratch folder and restore the run into it; the checkpoints the store keeps, oldest first."""
     shutil.rmtree(local.root, ignore_errors=True)
     try:
         shipped = restore(store, local, check)
@@ -293,19 +338,7 @@ def _fill(config: Config, given: set[str] | None, log: Callable[[str], None], ch
         except ConfigError as error:
             log(f"warning: run {store.url}: ignoring its unreadable {name} ({error.__cause__}); it is written again")
             os.remove(local.path(name))
-    try:
-        saved = local.read_json(CONFIG)
-    except ConfigError as error:
-        raise ConfigError(f"run {store.url}: its {CONFIG} is unreadable ({error.__cause__}); repair it, or remove it "
-                          "and give the run's flags again") from error
-    if saved is not None:
-        previous = config_from_dict(saved)
-        config = resumed(previous, config, given)
-        conflicts = resume_conflicts(previous, config)
-        if conflicts:
-            shutil.rmtree(local.root, ignore_errors=True)
-            raise ConfigError(f"run {store.url} was started with other settings ({'; '.join(conflicts)})")
-    return TrainingRun(config, store, local, shipped, lock)
+    return shipped
 
 
 @dataclasses.dataclass

@@ -5,7 +5,9 @@ Ordering rules that make the store safe to read (and to resume from) at any mome
   names them, and old checkpoints are deleted only after the pointer stops naming them;
 - other changed files go in the run folder's `ship_rank` order (model markers after the rest of model/,
   metrics.json last);
-- TensorBoard event files are sent as they grow, appending only the new bytes where the store can.
+- TensorBoard event files are sent as they grow, appending only the new bytes where the store can;
+- with a lease, nothing is written unless it is surely held, and every commit (the pointer, model markers,
+  metrics.json) renews it first: a shipper whose lease was taken over writes nothing more (`lost`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import threading
 import time
 from typing import Callable
 
+from trainer.lease import Lease, LeaseLost
 from trainer.run_dir import CHECKPOINTS, KEEP_CHECKPOINTS, POINTER, RunFolder, checkpoint_pointer, ship_rank
 from trainer.storage import Store, StoreUnavailable, is_partial
 
@@ -28,8 +31,9 @@ class Shipper:
     """Background thread mirroring new and changed files of a local run folder to a Store."""
 
     def __init__(self, local: RunFolder, store: Store, interval: float = 10.0,
-                 shipped_checkpoints: list[str] | None = None, log: Callable[[str], None] = print) -> None:
-        self.local, self.store, self.interval, self.log = local, store, interval, log
+                 shipped_checkpoints: list[str] | None = None, log: Callable[[str], None] = print,
+                 lease: Lease | None = None) -> None:
+        self.local, self.store, self.interval, self.log, self.lease = local, store, interval, log, lease
         self._sent: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) now in the store
         self._checkpoints = list(shipped_checkpoints or [])  # in the store, oldest first
         self._pending: collections.deque[str] = collections.deque()  # saved, not yet committed, in order
@@ -38,6 +42,15 @@ class Shipper:
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shipper", daemon=True)
         self.last_error: StoreUnavailable | None = None
+
+    @property
+    def lost(self) -> LeaseLost | None:
+        """Why this shipper may no longer write (the run's lease went to another trainer), or None."""
+        return self.lease.lost if self.lease is not None else None
+
+    def _fence(self, commit: bool) -> None:
+        if self.lease is not None:
+            self.lease.renew() if commit else self.lease.confirm()
 
     def __enter__(self) -> "Shipper":
         self._thread.start()
@@ -59,7 +72,7 @@ class Shipper:
         deadline = time.monotonic() + timeout
         while True:
             remaining = min(deadline - time.monotonic(), limit() if limit is not None else float("inf"))
-            if remaining <= 0 or not self._pass_lock.acquire(timeout=remaining):
+            if self.lost is not None or remaining <= 0 or not self._pass_lock.acquire(timeout=remaining):
                 return False
             try:
                 if self._pass():
@@ -79,11 +92,15 @@ class Shipper:
 
     def _pass(self) -> bool:
         """One mirroring pass; False (and the error kept for the next pass) if the store failed."""
+        if self.lost is not None:
+            return False
         try:
             self._ship_files()
             while self._pending:
                 self._commit_checkpoint(self._pending[0])
                 self._pending.popleft()
+        except LeaseLost:
+            return False
         except Exception as error:  # noqa: BLE001 - the shipper must never stop training
             error = error if isinstance(error, StoreUnavailable) else StoreUnavailable(f"{type(error).__name__}: {error}")
             if self.last_error is None:
@@ -115,6 +132,7 @@ class Shipper:
             sent = self._sent.get(name)
             if sent == state:
                 continue
+            self._fence(commit=ship_rank(name) > 0)
             if not (sent is not None and "tfevents" in name and self._append(name, path, sent[0], stat.st_size)):
                 self.store.upload(path, name)
             self._sent[name] = state
@@ -135,10 +153,12 @@ class Shipper:
             return  # rotated away locally before we got to it; a newer one is queued behind it
         try:
             for file in sorted(files, key=lambda f: f.endswith(".index")):  # data first, index last
+                self._fence(commit=False)
                 self.store.upload(os.path.join(folder, file), f"{CHECKPOINTS}/{file}")
         except FileNotFoundError:
             return
         kept = [c for c in self._checkpoints if c != checkpoint][-(KEEP_CHECKPOINTS - 1):] + [checkpoint]
+        self._fence(commit=True)
         self.store.write(POINTER, checkpoint_pointer(checkpoint, kept))
         self._checkpoints = kept
         for name in self.store.list(f"{CHECKPOINTS}/"):

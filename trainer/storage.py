@@ -8,9 +8,11 @@ Application Default Credentials, Workload Identity on GKE; `STORAGE_EMULATOR_HOS
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import re
 import shutil
+import time
 import uuid
 from typing import Any
 
@@ -49,8 +51,13 @@ class StoreUnavailable(TrainerError):
     exit_code = EXIT_STORE
 
 
+class Conflict(Exception):
+    """A conditional write found the object at another generation than the one it was conditional on."""
+
+
 class Store:
-    """Objects named by '/'-separated paths relative to one run's location."""
+    """Objects named by '/'-separated paths relative to one run's location. Every object has a generation, a
+    number that changes with each write (0: no such object); `write_if` replaces an object only at a given one."""
 
     url: str
     local_root: str | None = None  # the folder itself when the store is one on this machine
@@ -81,6 +88,19 @@ class Store:
 
     def download(self, name: str, local_path: str) -> None:
         """Copy an object into a local file."""
+        raise NotImplementedError
+
+    def generation(self, name: str) -> int:
+        """The object's current generation; 0 if it does not exist."""
+        raise NotImplementedError
+
+    def read_versioned(self, name: str) -> tuple[bytes | None, int]:
+        """An object's bytes (None if it does not exist) and the generation they are of."""
+        raise NotImplementedError
+
+    def write_if(self, name: str, data: bytes, generation: int) -> int:
+        """Create or replace an object only if it is at `generation` (0: only if it does not exist), atomically;
+        return its new generation; raise Conflict otherwise."""
         raise NotImplementedError
 
     def delete(self, name: str) -> None:
@@ -162,6 +182,32 @@ class LocalStore(Store):
             os.remove(self._path(name))
         except FileNotFoundError:
             pass
+
+    # A local object's generation is its modification time in nanoseconds, which every conditional write sets
+    # past the previous one; the compare and the replace happen under an exclusive lock on a hidden file beside it.
+    def generation(self, name: str) -> int:
+        try:
+            return os.stat(self._path(name)).st_mtime_ns
+        except FileNotFoundError:
+            return 0
+
+    def read_versioned(self, name: str) -> tuple[bytes | None, int]:
+        with self._exclusive(name):
+            return self.read(name), self.generation(name)
+
+    def write_if(self, name: str, data: bytes, generation: int) -> int:
+        with self._exclusive(name):
+            current = self.generation(name)
+            if current != generation:
+                raise Conflict(f"{name} is at generation {current}, not {generation}")
+            new = max(time.time_ns(), current + 1)
+            self._replace(name, lambda tmp: (open(tmp, "wb").write(data), os.utime(tmp, ns=(new, new))))
+            return new
+
+    def _exclusive(self, name: str) -> Any:
+        target = self._path(name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        return _Flock(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock"))
 
 
 class GCSStore(Store):
@@ -278,6 +324,47 @@ class GCSStore(Store):
             self._call(self.bucket.blob(self._key(name)).delete)
         except api.NotFound:
             pass
+
+    def generation(self, name: str) -> int:
+        blob = self._call(self.bucket.get_blob, self._key(name))
+        return 0 if blob is None else int(blob.generation)
+
+    def read_versioned(self, name: str) -> tuple[bytes | None, int]:
+        from google.api_core import exceptions as api
+
+        while True:
+            blob = self._call(self.bucket.get_blob, self._key(name))
+            if blob is None:
+                return None, 0
+            generation = int(blob.generation)
+            try:  # the bytes of exactly that generation (it may have been replaced since)
+                return self._call(blob.download_as_bytes, if_generation_match=generation), generation
+            except (api.NotFound, api.PreconditionFailed):
+                continue
+
+    def write_if(self, name: str, data: bytes, generation: int) -> int:
+        from google.api_core import exceptions as api
+
+        blob = self.bucket.blob(self._key(name))
+        try:
+            self._call(blob.upload_from_string, data, if_generation_match=generation)
+        except api.PreconditionFailed as error:
+            raise Conflict(f"{name} is no longer at generation {generation}") from error
+        return int(blob.generation)
+
+
+class _Flock:
+    """An exclusive lock on a file, held while entered (the kernel drops it if the holder dies)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        os.close(self._fd)
 
 
 def open_store(location: str, retry_seconds: float = 60.0) -> Store:

@@ -14,7 +14,7 @@ from tensorboard.plugins.hparams import api as hparams_api
 from trainer import actions, loop
 from trainer.config import ConfigError, check_replicas
 from trainer.datasets import load_split
-from trainer.distribute import PeerLost, any_worker, cluster_of, describe, is_chief, peer_failures, same_on_all_workers
+from trainer.distribute import PeerLost, any_worker, cluster_of, describe, peer_failures, same_on_all_workers
 from trainer.learner import Learner
 from trainer.preemption import Preemption, StopSignal
 from trainer.run_dir import HPARAMS_LOG, HPARAMS_SUFFIX, TrainingRun
@@ -41,7 +41,7 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy, stop:
         if finished is not None:
             log(f"run {run.url} already finished {schedule.total_steps} steps; nothing to train")
             return finished
-        chief = is_chief(strategy)  # decided once: only the chief writes logs and ships the run
+        chief = run.task.chief  # decided once, from the environment: only the chief writes logs and ships the run
         shipper: Shipper | None = None
         # A lost peer anywhere below (collectives, the coordination service) ends this worker, not the group's
         # run; the chief first commits what it saved.
@@ -62,7 +62,7 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy, stop:
             stop.check("while restoring the run")
             if start_step:
                 log(f"resuming {run.url} from step {start_step} of {schedule.total_steps}")
-            shipper = Shipper(run.local, run.store, config.run.ship_every, shipped, log) if chief else None
+            shipper = Shipper(run.local, run.store, config.run.ship_every, shipped, log, run.lease) if chief else None
             with shipper or contextlib.nullcontext():
                 summaries, evaluation, preemption = _train(run, learner, schedule, start_step, history, chief, stop,
                                                            shipper)
@@ -84,6 +84,8 @@ def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy, stop:
                 }
                 run.finish(metrics)
                 if shipper and not shipper.flush(config.run.store_timeout, preemption.limit):
+                    if shipper.lost is not None:
+                        raise shipper.lost
                     if stop.requested:
                         preemption.stop_at(schedule.total_steps)
                     raise StoreUnavailable(f"could not ship the run to {run.url} ({shipper.last_error}); "

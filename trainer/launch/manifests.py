@@ -10,7 +10,8 @@ import dataclasses
 import re
 from typing import Any
 
-from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST, EXIT_USAGE, flag
+from trainer.cluster import JOB_ENV, WORKERS_ENV
+from trainer.config import EXIT_INTERRUPTED, EXIT_LEASED, EXIT_PEER_LOST, EXIT_USAGE, flag
 
 APP = "mnist-trainer"
 RUN_LABEL = "mnist-trainer/run"
@@ -104,10 +105,14 @@ def _trainer_container(spec: JobSpec) -> dict[str, Any]:
         "args": args,
         "resources": resources,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}],
+        # The job across its restarts (the Job or JobSet keeps its name): a restarted pod may take over the
+        # run's lease from the attempt before it, where a trainer of any other job is refused.
+        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+                {"name": JOB_ENV, "value": f"$(POD_NAMESPACE)/{spec.run}"}],
     }
     if spec.workers > 1:
         # The trainer builds TF_CONFIG from these and the Indexed Job's JOB_COMPLETION_INDEX.
-        container["env"] = [{"name": "TRAINER_WORKERS", "value": ",".join(worker_hosts(spec))}]
+        container["env"].append({"name": WORKERS_ENV, "value": ",".join(worker_hosts(spec))})
         container["ports"] = [{"name": "collective", "containerPort": WORKER_PORT}]
     return container
 
@@ -144,8 +149,8 @@ def training_job(spec: JobSpec) -> dict[str, Any]:
         "backoffLimit": spec.retries,
         "ttlSecondsAfterFinished": spec.ttl_seconds,
         "podFailurePolicy": {"rules": [
-            _exit_codes("FailJob", EXIT_USAGE),  # bad usage or config: retrying cannot help
-            _exit_codes("Ignore", EXIT_INTERRUPTED),  # SIGTERM after saving: retry without counting
+            _exit_codes("FailJob", EXIT_USAGE, EXIT_LEASED),  # bad usage or config, a run another job trains
+            _exit_codes("Ignore", EXIT_INTERRUPTED),  # SIGTERM after saving, lease lost: retry without counting
             {"action": "Ignore", **_DISRUPTED},
         ]},
         "template": {"metadata": {"labels": labels}, "spec": _pod_spec(spec)},
@@ -159,7 +164,7 @@ def training_job(spec: JobSpec) -> dict[str, Any]:
 # The Job controller's failure messages for the FailJob rules of the worker Job below, which the JobSet's
 # failure policy tells apart (JobSet KEP 262): "Container trainer for pod NS/POD failed with exit code 2
 # matching FailJob rule at index 0", "Pod NS/POD has condition DisruptionTarget matching FailJob rule at index 2".
-_BAD_USAGE = f"exit code {EXIT_USAGE} matching FailJob rule"
+_BAD_USAGE = f"exit code ({EXIT_USAGE}|{EXIT_LEASED}) matching FailJob rule"
 _RETRYABLE = (f"exit code ({EXIT_INTERRUPTED}|{EXIT_PEER_LOST}) matching FailJob rule",
               "condition DisruptionTarget matching FailJob rule")
 
@@ -175,7 +180,7 @@ def training_jobset(spec: JobSpec) -> dict[str, Any]:
         "parallelism": spec.workers,
         "backoffLimit": 0,
         "podFailurePolicy": {"rules": [
-            _exit_codes("FailJob", EXIT_USAGE),
+            _exit_codes("FailJob", EXIT_USAGE, EXIT_LEASED),
             _exit_codes("FailJob", EXIT_INTERRUPTED, EXIT_PEER_LOST),
             {"action": "FailJob", **_DISRUPTED},
         ]},

@@ -10,6 +10,7 @@ RUN         ?=
 OUTPUT_DIR  ?= runs
 TRAIN_ARGS  ?=
 PYTEST_ARGS ?=
+TRIALS      ?=
 ONLY        ?=
 # Container and cluster
 REGISTRY    ?= REGION-docker.pkg.dev/PROJECT/mnist
@@ -25,7 +26,7 @@ QUEUE       ?=
 PRIORITY    ?=
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-.PHONY: install train test bench data manifests image push submit local tensorboard clean
+.PHONY: install train test faults bench data manifests image push submit local tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -46,6 +47,10 @@ train: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Fault trials of one run over its whole life (kill -9 / SIGTERM, resume on empty scratch): the README's figure.
+faults: install
+	RUN_FAULT_TRIALS=$(or $(TRIALS),20) FAULT_FIGURE=bench/faults.json $(PY) -m pytest -q -s tests/test_fault_trials.py
 
 bench: install
 	ONLY=$(ONLY) $(PY) -m bench.run

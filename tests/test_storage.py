@@ -16,6 +16,7 @@ import pytest
 import tensorflow as tf
 from google.cloud import storage
 
+from bucket_invariant import observe
 from conftest import ROOT, checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
 from gcs import Emulator, FlakyProxy
 from trainer.lease import LEASE
@@ -162,31 +163,6 @@ def test_sigterm_saves_ships_and_exits_75_then_resumes(bucket, data_dir, tmp_pat
     assert f"from step {step} of {2 * TOTAL}" in result.stderr
 
 
-def _check_ordered_commit(bucket: str, prefix: str, workdir: str) -> str:
-    """One observation: the pointer names only complete checkpoints ('checked'), or there is no pointer
-    yet ('empty'), or the pointer moved on while we read (superseded: not an observation)."""
-    os.makedirs(workdir)
-    store = GCSStore(f"gs://{bucket}/{prefix}")
-    pointer = store.read(POINTER)
-    if pointer is None:
-        return "empty"
-    latest, kept = parse_pointer(pointer)
-    for name in [latest] + kept:
-        local = os.path.join(workdir, name)
-        try:
-            files = [n for n in store.list(f"checkpoints/{name}.")]
-            for file in files:
-                store.download(file, os.path.join(workdir, file.split("/")[-1]))
-            reader = tf.train.load_checkpoint(local)
-            for variable in reader.get_variable_to_shape_map():
-                reader.get_tensor(variable)
-        except Exception:
-            if store.read(POINTER) != pointer:
-                return "superseded"
-            raise AssertionError(f"pointer names missing or partial checkpoint {name}: {files}")
-    return "checked"
-
-
 def _latest_step(bucket: str) -> int:
     pointer = GCSStore(f"gs://{bucket}/exp/r").read(POINTER)
     return checkpoint_step(parse_pointer(pointer)[0]) if pointer else 0
@@ -200,7 +176,7 @@ def test_kill_9_at_random_moments_never_exposes_a_partial_checkpoint(bucket, dat
     def watch() -> None:
         while not stop.is_set():
             try:
-                outcomes.append(_check_ordered_commit(bucket, "exp/r", str(tmp_path / f"obs{len(outcomes)}")))
+                outcomes.append(observe(f"gs://{bucket}/exp/r", str(tmp_path / f"obs{len(outcomes)}")))
             except AssertionError as violation:
                 failures.append(str(violation))
             time.sleep(0.05)
@@ -227,7 +203,7 @@ def test_kill_9_at_random_moments_never_exposes_a_partial_checkpoint(bucket, dat
     assert steps_seen == sorted(steps_seen) and steps_seen[-1] > 0  # progress survives each kill
     assert not failures, failures[:3]
     assert outcomes.count("checked") >= 10
-    assert _check_ordered_commit(bucket, "exp/r", str(tmp_path / "final")) == "checked"
+    assert observe(f"gs://{bucket}/exp/r", str(tmp_path / "final")) == "checked"
 
 
 def test_a_flaky_server_is_retried_and_the_run_arrives_whole(emulator, data_dir, tmp_path):
@@ -330,7 +306,7 @@ def test_a_damaged_newest_checkpoint_in_the_bucket_falls_back_to_an_older_one(bu
     store = GCSStore(f"gs://{bucket}/exp/r")
     assert json.loads(store.read("metrics.json"))["steps"] == 1200
     assert parse_pointer(store.read(POINTER)) == ("ckpt-1200", ["ckpt-800", "ckpt-1000", "ckpt-1200"])
-    assert _check_ordered_commit(bucket, "exp/r", str(tmp_path / "check")) == "checked"
+    assert observe(f"gs://{bucket}/exp/r", str(tmp_path / "check")) == "checked"
 
 
 def test_a_run_with_no_intact_checkpoint_or_config_is_one_line_exit_2(data_dir, tmp_path):

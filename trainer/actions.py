@@ -18,9 +18,6 @@ from trainer.loop import Progress, crossed
 from trainer.shipper import Shipper
 
 
-LOG_EVERY = 30.0  # seconds between progress lines when stderr is a log file (pod logs, `2> file`)
-
-
 def accuracy_text(value: float) -> str:
     """The one format of an accuracy in what the trainer prints: 92.56%."""
     return f"{value:.2%}"
@@ -29,8 +26,8 @@ def accuracy_text(value: float) -> str:
 class Console:
     """Progress on stderr (the chief's only): a live bar in a terminal; in a log file, plain whole lines."""
 
-    def __init__(self, total: int, initial: int, show: bool) -> None:
-        self.total, self.show, self.initial = total, show, initial
+    def __init__(self, total: int, initial: int, show: bool, log_every: float) -> None:
+        self.total, self.show, self.initial, self.log_every = total, show, initial, log_every
         self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True,
                         mininterval=0.5) if show and sys.stderr.isatty() else None
         self._started = self._last = time.monotonic()
@@ -43,7 +40,7 @@ class Console:
             self.bar.update(step - self.bar.n)
             return
         now = time.monotonic()
-        if not self.show or (now - self._last < LOG_EVERY and step < self.total):
+        if not self.show or (now - self._last < self.log_every and step < self.total):
             return
         self._last = now
         rate = (step - self.initial) / max(now - self._started, 1e-9)

@@ -132,6 +132,7 @@ class RunConfig:
     checkpoint_every: int = _setting(500, "steps between checkpoints")
     steps_per_loop: int = _setting(50, "steps per tf.function call and per log entry")
     scratch_dir: str = _setting("", "fast local folder for the run while it trains ('' = system temp dir)")
+    log_every: float = _setting(30.0, "seconds between progress lines when stderr is a log file, not a terminal")
     ship_every: float = _setting(10.0, "seconds between background uploads to the output dir")
     # 25 s fits Kubernetes' default 30 s termination grace period.
     grace_seconds: float = _setting(25.0, "after SIGTERM: save, upload and exit within this many seconds")
@@ -236,7 +237,7 @@ RESUME_KEYS = (
 # its own flags (or their defaults), never from the run's config.json; every other field comes from the run
 # unless its flag is given.
 ATTEMPT_KEYS = (
-    "output_dir", "run", "scratch_dir", "ship_every", "grace_seconds", "store_timeout", "data_dir", "data_source",
+    "output_dir", "run", "scratch_dir", "log_every", "ship_every", "grace_seconds", "store_timeout", "data_dir", "data_source",
     "cpu_replicas", "jit_compile", "peer_timeout", "startup_timeout", "lease_seconds",
 )
 
@@ -295,7 +296,7 @@ def validate(config: Config) -> None:
     _choice("schedule", c["schedule"], SCHEDULES)
     _choice("lr_scaling", c["lr_scaling"], LR_SCALINGS)
     _choice("precision", c["precision"], PRECISIONS)
-    for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop", "ship_every", "grace_seconds",
+    for key in ("epochs", "batch_size", "checkpoint_every", "steps_per_loop", "log_every", "ship_every", "grace_seconds",
                 "store_timeout", "peer_timeout", "startup_timeout", "lease_seconds"):
         if c[key] <= 0:
             raise ConfigError(f"{flag(key)} must be positive, got {c[key]}")

@@ -95,10 +95,12 @@ class Shipper:
         if self.lost is not None:
             return False
         try:
-            self._ship_files()
+            # Checkpoints first: a kill loses the work since the last committed one, and a pass of other files
+            # (event files, history) takes a while on a slow store.
             while self._pending:
                 self._commit_checkpoint(self._pending[0])
                 self._pending.popleft()
+            self._ship_files()
         except LeaseLost:
             return False
         except Exception as error:  # noqa: BLE001 - the shipper must never stop training

@@ -108,7 +108,7 @@ def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_st
             tf.summary.image("inputs", learner.train_split.images[:SAMPLE_IMAGES].astype(np.float32) / 255.0,
                              max_outputs=SAMPLE_IMAGES)
     learner.begin(start_step)
-    console = actions.Console(schedule.total_steps, start_step, chief)
+    console = actions.Console(schedule.total_steps, start_step, chief, config.run.log_every)
     try:
         summaries = actions.Summaries(train_writer, lambda: learner.learning_rate, console)
         evaluation = actions.Evaluation(learner.evaluate, test_writer, console, config.run.epochs, history,

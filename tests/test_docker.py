@@ -22,7 +22,7 @@ def test_image_is_pinned_non_root_and_runs_the_trainer():
     text = open(DOCKERFILE).read()
     base = re.search(r"^FROM (\S+)", text, re.M).group(1)
     assert re.fullmatch(r"tensorflow/tensorflow:2\.21\.\d+-gpu", base)
-    assert re.search(r"^USER [1-9]\d*$", text, re.M)
+    assert re.search(r"^USER [1-9]\d*:[1-9]\d*$", text, re.M)
     assert 'ENTRYPOINT ["python", "-m", "trainer"]' in text
     # Dependencies are installed before the code is copied, so code changes reuse the dependency layer.
     assert text.index("COPY setup.py") < text.index("pip install --no-cache-dir .") < text.index("COPY trainer/")

@@ -19,6 +19,8 @@ CONTAINER = "trainer"
 WORKER_PORT = 2222
 TENSORBOARD_PORT = 6006
 SCRATCH = "/scratch"
+IMAGE_UID = 1000  # the image's own non-root user (docker/Dockerfile creates it with this uid and group)
+HOME = "/home/trainer"  # its home: an emptyDir, as the root filesystem is read-only
 GPU = "nvidia.com/gpu"
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 JOBSET_RELEASE = "v0.10.0"  # the oldest JobSet release with every field used here (onJobFailureMessagePatterns)
@@ -92,6 +94,29 @@ def _metadata(name: str, namespace: str, labels: dict[str, str]) -> dict[str, An
     return {"name": name, "namespace": namespace, "labels": labels}
 
 
+def _restricted_pod() -> dict[str, Any]:
+    """The pod securityContext of the "restricted" Pod Security Standard, as the image's user."""
+    return {"runAsNonRoot": True, "runAsUser": IMAGE_UID, "runAsGroup": IMAGE_UID, "fsGroup": IMAGE_UID,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+
+
+def _restricted_container() -> dict[str, Any]:
+    """A container securityContext of the "restricted" standard, with a read-only root filesystem."""
+    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
+
+
+# What the processes write outside their data: temp files, and HOME (Keras, Matplotlib and TFDS caches).
+_WRITABLE = {"tmp": "/tmp", "home": HOME}
+
+
+def _writable_volumes() -> list[dict[str, Any]]:
+    return [{"name": name, "emptyDir": {}} for name in _WRITABLE]
+
+
+def _writable_mounts() -> list[dict[str, Any]]:
+    return [{"name": name, "mountPath": path} for name, path in _WRITABLE.items()]
+
+
 def _trainer_container(spec: JobSpec) -> dict[str, Any]:
     own = dict(zip(LAUNCHER_FLAGS, (spec.output_dir, spec.run, SCRATCH, str(max(1, spec.grace_seconds - 5)))))
     args = ["train", *(part for flag, value in own.items() for part in (flag, value)), *spec.trainer_args]
@@ -104,11 +129,13 @@ def _trainer_container(spec: JobSpec) -> dict[str, Any]:
         "image": spec.image,
         "args": args,
         "resources": resources,
-        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH}],
+        "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH},
+                         *_writable_mounts()],
+        "securityContext": _restricted_container(),
         # The job across its restarts (the Job or JobSet keeps its name): a restarted pod may take over the
         # run's lease from the attempt before it, where a trainer of any other job is refused.
         "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                {"name": JOB_ENV, "value": f"$(POD_NAMESPACE)/{spec.run}"}],
+                {"name": JOB_ENV, "value": f"$(POD_NAMESPACE)/{spec.run}"}, {"name": "HOME", "value": HOME}],
     }
     if spec.workers > 1:
         # The trainer builds TF_CONFIG from these and the Indexed Job's JOB_COMPLETION_INDEX.
@@ -122,10 +149,12 @@ def _pod_spec(spec: JobSpec) -> dict[str, Any]:
         "restartPolicy": "Never",  # retries are the Job's (or the JobSet's), under the failure policies
         "serviceAccountName": spec.service_account,
         "terminationGracePeriodSeconds": spec.grace_seconds,
+        "securityContext": _restricted_pod(),
         "containers": [_trainer_container(spec)],
         "volumes": [
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm}},
             {"name": "scratch", "emptyDir": {}},
+            *_writable_volumes(),
         ],
     }
     if spec.gpus:
@@ -240,8 +269,14 @@ def tensorboard_objects(image: str, logdir: str, namespace: str = "default", nam
         "command": ["tensorboard"],
         "args": ["--logdir", logdir, "--bind_all", "--port", str(TENSORBOARD_PORT), "--reload_interval", "30"],
         "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT}],
-        "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"memory": "4Gi"}},
-        "readinessProbe": {"httpGet": {"path": "/", "port": TENSORBOARD_PORT}},
+        "env": [{"name": "HOME", "value": HOME}],
+        "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
+        # Ready once it serves; restarted if it stops answering (a first scan of a large bucket takes a while).
+        "readinessProbe": {"httpGet": {"path": "/", "port": TENSORBOARD_PORT}, "periodSeconds": 10},
+        "livenessProbe": {"httpGet": {"path": "/", "port": TENSORBOARD_PORT}, "initialDelaySeconds": 60,
+                          "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 4},
+        "volumeMounts": _writable_mounts(),
+        "securityContext": _restricted_container(),
     }
     deployment = {
         "apiVersion": "apps/v1",
@@ -251,13 +286,16 @@ def tensorboard_objects(image: str, logdir: str, namespace: str = "default", nam
             "replicas": 1,
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels},
-                         "spec": {"serviceAccountName": service_account_name, "containers": [container]}},
+                         "spec": {"serviceAccountName": service_account_name, "securityContext": _restricted_pod(),
+                                  "containers": [container], "volumes": _writable_volumes()}},
         },
     }
     service = {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(name, namespace, labels),
-        "spec": {"selector": labels, "ports": [{"name": "http", "port": 80, "targetPort": TENSORBOARD_PORT}]},
+        # Inside the cluster only: reach it with `kubectl port-forward` (or put an authenticating proxy in front).
+        "spec": {"type": "ClusterIP", "selector": labels,
+                 "ports": [{"name": "http", "port": 80, "targetPort": TENSORBOARD_PORT}]},
     }
     return [deployment, service]

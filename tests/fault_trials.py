@@ -147,8 +147,11 @@ def _shipped_step(store: GCSStore) -> int:
     return checkpoint_step(parse_pointer(pointer)[0]) if pointer else 0
 
 
-def _possible(had_checkpoint: bool) -> list[str]:
-    return [m for m in MOMENTS if m != ("start-up" if had_checkpoint else "restore")]
+def _possible(restored: int) -> list[str]:
+    """The moments an attempt that resumes from step `restored` goes through."""
+    if restored >= TOTAL:  # fully trained: restored, evaluated and exported, no training (and no step lines)
+        return ["restore", "export", "final flush"]
+    return [m for m in MOMENTS if m != ("start-up" if restored else "restore")]
 
 
 def run_trial(number: int, bucket: str, data_dir: str, workdir: str, rng: random.Random,
@@ -186,7 +189,7 @@ def run_trial(number: int, bucket: str, data_dir: str, workdir: str, rng: random
                     break  # the faulted attempt had finished the run
             attempt = _Attempt(args, os.path.join(workdir, f"{run}-attempt{attempts}"), env, run)
             if len(faults) < FAULTS_PER_TRIAL and attempts <= 2 * FAULTS_PER_TRIAL:
-                options = _possible(restored > 0)
+                options = _possible(restored)
                 least = min(covered.get(m, 0) for m in options)
                 target = rng.choice([m for m in options if covered.get(m, 0) == least])
                 fault = _inject(attempt, target, rng, store, restored)

@@ -113,3 +113,7 @@ def test_the_probe_decides_between_the_peers_an_error_names():
     assert lost_peer("Error reported from /job:worker/task:0: x", cluster) == "worker 0 (a:1)"  # probe found none
     assert lost_peer("Socket closed", cluster, unreachable=[2]) == "worker 2 (c:3)"
     assert lost_peer("Socket closed", cluster, unreachable=[0, 2]) == "worker 0 (a:1), worker 2 (c:3)"
+    # Worker 0, busy, answered the probe too late; worker 2 refused it: it is the one that died.
+    heartbeat = "Error reported from /job:worker/task:0: CoordinationService/Heartbeat failed"
+    assert lost_peer(heartbeat, cluster, unreachable=[0, 2], dead=[2]) == "worker 2 (c:3)"
+    assert lost_peer(heartbeat, cluster, unreachable=[0, 2]) == "worker 0 (a:1)"  # both silent: the named one

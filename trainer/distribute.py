@@ -55,26 +55,32 @@ _PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.
                 tf.errors.AbortedError, tf.errors.InternalError)
 
 
-def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECONDS) -> list[int]:
-    """Indexes of the peers that do not answer TensorFlow's collective health probe (dead, frozen or
-    restarted); asked right after an abort, while the other survivors are usually still up."""
+def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECONDS) -> tuple[list[int], list[int]]:
+    """Indexes of the peers that do not answer TensorFlow's collective health probe, asked right after an abort
+    while the other survivors are usually still up: (all of them, those that refused at once: dead or restarted;
+    the others timed out: frozen, cut off, or only busy)."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
-    lost = []
+    lost, dead = [], []
     for index in range(len(workers)):
         if index != me:
             try:
                 tf_context.context().check_collective_ops_peer_health(
                     f"/job:worker/replica:0/task:{index}", timeout_in_ms=int(timeout * 1000))
+            except tf.errors.DeadlineExceededError:
+                lost.append(index)
             except tf.errors.OpError:
                 lost.append(index)
-    return lost
+                dead.append(index)
+    return lost, dead
 
 
-def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = ()) -> str:
+def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = (),
+              dead: Sequence[int] = ()) -> str:
     """'worker N (host:port)' for the peer that was lost: of the peers TensorFlow's error names (most specific
-    first), the first that also failed the probe; else the peers the probe found unreachable; else the first
-    named; 'a peer' if neither tells. The probe outranks a bare name: errors also name the worker that relayed
-    or reported the abort, which is alive, and survivors stay up (PEER_LOST_HOLD) while the others probe them."""
+    first), the first that the probe found dead; else the dead ones; else the same with those that only did not
+    answer in time (a live peer under load can be slow); else the first named; 'a peer' if nothing tells. The
+    probe outranks a bare name: errors also name the worker that relayed or reported the abort, which is alive,
+    and survivors stay up (PEER_LOST_HOLD) while the others probe them."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
     deepest = sorted(((-len(quoting), int(task)) for quoting, task in _REMOTE.findall(message)), key=lambda m: m[0])
     named = [int(i) for i in _UNHEALTHY.findall(message)] + [task for _, task in deepest]
@@ -82,7 +88,8 @@ def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[in
     if _TO_LEADER in message:  # our heartbeats to the service on worker 0 went unanswered
         named.append(0)
     named = [i for i in named if i != me and i < len(workers)]
-    lost = [i for i in named if i in unreachable][:1] or list(unreachable) or named[:1]
+    lost = [i for i in named if i in dead][:1] or list(dead) or [i for i in named if i in unreachable][:1] \
+        or list(unreachable) or named[:1]
     return ", ".join(f"worker {i} ({workers[i]})" for i in lost) or "a peer"
 
 
@@ -108,7 +115,7 @@ def peer_failures(cluster: Mapping[str, Any] | None, what: str = "",
     except _PEER_ERRORS as error:
         me = cluster["task"]["index"]
         # Probe before on_lost: the other survivors are still up now, and on_lost may take a while.
-        message = what or (f"worker {me}: lost {lost_peer(str(error), cluster, unreachable_peers(cluster))}; "
+        message = what or (f"worker {me}: lost {lost_peer(str(error), cluster, *unreachable_peers(cluster))}; "
                            "the group must restart (from the last checkpoint)")
         if on_lost is not None:
             on_lost()

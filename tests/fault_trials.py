@@ -27,6 +27,7 @@ from typing import Any
 from bucket_invariant import observe
 from conftest import ROOT, checkpoint_steps
 from trainer.config import EXIT_INTERRUPTED
+from trainer.lease import LEASE
 from trainer.run_dir import METRICS, POINTER, parse_pointer, checkpoint_step
 from trainer.storage import GCSStore
 
@@ -35,7 +36,7 @@ MOMENTS = ("start-up", "restore", "mid-training", "checkpoint shipping", "final 
 EPOCHS, BATCH, TOTAL = 2, 100, 1200  # mlp300: 600 steps an epoch at batch 100
 CHECKPOINT_EVERY = 100
 GRACE = 10.0
-LEASE = 3.0
+LEASE_SECONDS = 3.0
 FAULTS_PER_TRIAL = 3
 # After a moment's first sign, the signal comes within this many seconds (uniformly at random).
 DELAYS = {"start-up": 3.0, "restore": 3.0, "mid-training": 1.0, "checkpoint shipping": 0.05,
@@ -52,6 +53,9 @@ class Fault:
     reached: int  # the last step the attempt had trained
     code: int  # how the attempt ended
     resumed: int = 0  # the step the next attempt went on from
+    # SIGTERM before Python had even imported the trainer (its first ~0.1 s): the signal's own exit, 143; the
+    # attempt had printed and written nothing (on Kubernetes a preemption's DisruptionTarget is not counted).
+    too_early: bool = False
 
     @property
     def lost(self) -> int:
@@ -160,8 +164,8 @@ def run_trial(number: int, bucket: str, data_dir: str, workdir: str, rng: random
     run, url = f"t{number}", f"gs://{bucket}/trials/t{number}"
     args = ["--model", "mlp300", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--steps-per-loop", "20",
             "--checkpoint-every", str(CHECKPOINT_EVERY), "--ship-every", "0.5", "--log-every", "0.1",
-            "--grace-seconds", str(GRACE), "--lease-seconds", str(LEASE), "--output-dir", f"gs://{bucket}/trials",
-            "--run", run, "--data-dir", data_dir, "--data-source", "idx"]
+            "--grace-seconds", str(GRACE), "--lease-seconds", str(LEASE_SECONDS),
+            "--output-dir", f"gs://{bucket}/trials", "--run", run, "--data-dir", data_dir, "--data-source", "idx"]
     env = {**os.environ, "TRAINER_JOB": f"trials/{run}"}
     store = GCSStore(url)
     observations, violations, stop = [], [], threading.Event()
@@ -196,7 +200,7 @@ def run_trial(number: int, bucket: str, data_dir: str, workdir: str, rng: random
                 if fault is not None:
                     faults.append(fault)
                     covered[fault.moment] = covered.get(fault.moment, 0) + 1
-                    if fault.code not in (EXIT_INTERRUPTED, 0, 128 + signal.SIGKILL):
+                    if fault.code not in (EXIT_INTERRUPTED, 0, 128 + signal.SIGKILL) and not fault.too_early:
                         problems.append(f"attempt {attempts}: {fault.kind} at {fault.moment} ended with exit "
                                         f"{fault.code}: {attempt.stderr()[-1500:]}")
                     continue
@@ -230,6 +234,7 @@ def _inject(attempt: _Attempt, target: str, rng: random.Random, store: GCSStore,
     if attempt.process.poll() is not None:
         return None  # it ended (finished, or failed: the caller reports that)
     moment = _moment(attempt, store, restored > 0)
+    untouched = not attempt.stderr() and f"pid {attempt.process.pid}\"" not in (store.read(LEASE) or b"").decode()
     attempt.process.send_signal(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
     signalled = time.monotonic()
     try:
@@ -239,6 +244,7 @@ def _inject(attempt: _Attempt, target: str, rng: random.Random, store: GCSStore,
         code = attempt.process.wait()
     code = code if code >= 0 else 128 - code
     fault = Fault(target, moment, kind, _reached(attempt.stderr(), restored), code)
+    fault.too_early = kind == "sigterm" and code == 128 + signal.SIGTERM and untouched and not attempt.stderr()
     if kind == "sigterm" and time.monotonic() - signalled > GRACE + 2:
         fault.code = -1  # not within the grace period: reported as a problem
     return fault

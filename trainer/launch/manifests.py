@@ -20,7 +20,7 @@ WORKER_PORT = 2222
 TENSORBOARD_PORT = 6006
 SCRATCH = "/scratch"
 IMAGE_UID = 1000  # the image's own non-root user (docker/Dockerfile creates it with this uid and group)
-HOME = "/home/trainer"  # its home: an emptyDir, as the root filesystem is read-only
+TMP = "/tmp"  # the image's HOME too: the one place the processes write besides scratch (an emptyDir here)
 GPU = "nvidia.com/gpu"
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 JOBSET_RELEASE = "v0.10.0"  # the oldest JobSet release with every field used here (onJobFailureMessagePatterns)
@@ -105,16 +105,6 @@ def _restricted_container() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
 
 
-# What the processes write outside their data: temp files, and HOME (Keras, Matplotlib and TFDS caches).
-_WRITABLE = {"tmp": "/tmp", "home": HOME}
-
-
-def _writable_volumes() -> list[dict[str, Any]]:
-    return [{"name": name, "emptyDir": {}} for name in _WRITABLE]
-
-
-def _writable_mounts() -> list[dict[str, Any]]:
-    return [{"name": name, "mountPath": path} for name, path in _WRITABLE.items()]
 
 
 def _trainer_container(spec: JobSpec) -> dict[str, Any]:
@@ -130,12 +120,12 @@ def _trainer_container(spec: JobSpec) -> dict[str, Any]:
         "args": args,
         "resources": resources,
         "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}, {"name": "scratch", "mountPath": SCRATCH},
-                         *_writable_mounts()],
+                         {"name": "tmp", "mountPath": TMP}],
         "securityContext": _restricted_container(),
         # The job across its restarts (the Job or JobSet keeps its name): a restarted pod may take over the
         # run's lease from the attempt before it, where a trainer of any other job is refused.
         "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-                {"name": JOB_ENV, "value": f"$(POD_NAMESPACE)/{spec.run}"}, {"name": "HOME", "value": HOME}],
+                {"name": JOB_ENV, "value": f"$(POD_NAMESPACE)/{spec.run}"}],
     }
     if spec.workers > 1:
         # The trainer builds TF_CONFIG from these and the Indexed Job's JOB_COMPLETION_INDEX.
@@ -154,7 +144,7 @@ def _pod_spec(spec: JobSpec) -> dict[str, Any]:
         "volumes": [
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": spec.shm}},
             {"name": "scratch", "emptyDir": {}},
-            *_writable_volumes(),
+            {"name": "tmp", "emptyDir": {}},
         ],
     }
     if spec.gpus:
@@ -269,13 +259,12 @@ def tensorboard_objects(image: str, logdir: str, namespace: str = "default", nam
         "command": ["tensorboard"],
         "args": ["--logdir", logdir, "--bind_all", "--port", str(TENSORBOARD_PORT), "--reload_interval", "30"],
         "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT}],
-        "env": [{"name": "HOME", "value": HOME}],
         "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
         # Ready once it serves; restarted if it stops answering (a first scan of a large bucket takes a while).
         "readinessProbe": {"httpGet": {"path": "/", "port": TENSORBOARD_PORT}, "periodSeconds": 10},
         "livenessProbe": {"httpGet": {"path": "/", "port": TENSORBOARD_PORT}, "initialDelaySeconds": 60,
                           "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 4},
-        "volumeMounts": _writable_mounts(),
+        "volumeMounts": [{"name": "tmp", "mountPath": TMP}],
         "securityContext": _restricted_container(),
     }
     deployment = {
@@ -287,7 +276,7 @@ def tensorboard_objects(image: str, logdir: str, namespace: str = "default", nam
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels},
                          "spec": {"serviceAccountName": service_account_name, "securityContext": _restricted_pod(),
-                                  "containers": [container], "volumes": _writable_volumes()}},
+                                  "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}},
         },
     }
     service = {

@@ -1,0 +1,106 @@
+"""The image, built and run for real: `make image` with buildah builds docker/Dockerfile on a stand-in base (a
+Debian root filesystem made by debootstrap: the official TensorFlow image cannot be pulled here), then the
+trainer runs inside it, as the image's own user and, through `make local`, as an arbitrary one, writing a run
+into a folder of the host that the host then evaluates. Builds are cached between runs: the base's root
+filesystem in IMAGE_TEST_CACHE (default /var/cache/mnist-trainer-tests), the layers in buildah's storage."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT, needs_offline_copy, run_cli
+
+CACHE = os.environ.get("IMAGE_TEST_CACHE", "/var/cache/mnist-trainer-tests")
+BASE = "localhost/mnist-trainer-test-base:bookworm"
+IMAGE, TAG = "localhost/mnist-trainer", "test"
+BUILDAH = ["buildah", "--storage-driver", "vfs"]
+TRAIN = ["train", "--model", "mlp300", "--epochs", "1", "--output-dir", "/runs"]
+
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("buildah") and shutil.which("debootstrap")),
+                       reason="building images here needs root, buildah and debootstrap (.ci/run installs them)"),
+    needs_offline_copy("fashion_mnist"),  # the image carries both datasets, imported offline here
+]
+
+
+def _run(command: list[str], timeout: float = 1800, **kwargs) -> subprocess.CompletedProcess:
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+    assert result.returncode == 0, (command, result.stdout[-3000:], result.stderr[-3000:])
+    return result
+
+
+def _base_image() -> None:
+    """The stand-in base: Debian bookworm with python3, venv and pip, and this machine's CA bundle (pip inside
+    must trust the package mirror's certificate)."""
+    if subprocess.run([*BUILDAH, "inspect", BASE], capture_output=True).returncode == 0:
+        return
+    os.makedirs(CACHE, exist_ok=True)
+    tarball = os.path.join(CACHE, "rootfs.tar")
+    if not os.path.exists(tarball):
+        rootfs = os.path.join(CACHE, "rootfs")
+        shutil.rmtree(rootfs, ignore_errors=True)
+        _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates",
+              "bookworm", rootfs])
+        shutil.copy("/etc/ssl/certs/ca-certificates.crt", os.path.join(rootfs, "etc/ssl/certs/ca-certificates.crt"))
+        _run(["tar", "-C", rootfs, "-cf", tarball + ".partial", "."])
+        os.replace(tarball + ".partial", tarball)
+        shutil.rmtree(rootfs)
+    with open(os.path.join(CACHE, "Containerfile"), "w") as f:
+        f.write("FROM scratch\nADD rootfs.tar /\nCMD [\"python3\"]\n")
+    _run([*BUILDAH, "bud", "--isolation", "chroot", "-f", os.path.join(CACHE, "Containerfile"), "-t", BASE, CACHE])
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The project's image, built by `make image` with buildah on the stand-in base."""
+    _base_image()
+    _run(["make", "image", "CONTAINER=buildah", f"BASE_IMAGE={BASE}", f"IMAGE={IMAGE}", f"TAG={TAG}"], cwd=ROOT)
+    return f"{IMAGE}:{TAG}"
+
+
+def _writable_folder(path) -> str:
+    os.makedirs(path)
+    os.chmod(path, 0o777)  # the container's users are not this test's
+    return str(path)
+
+
+def _evaluates_as_recorded(runs: str, run: str, data_dir: str) -> dict:
+    metrics = json.load(open(os.path.join(runs, run, "metrics.json")))
+    evaluated = run_cli("evaluate", "--output-dir", runs, "--run", run, "--data-dir", data_dir)
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout)["test_accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    return metrics
+
+
+def test_the_image_trains_a_run_that_the_host_evaluates(image, tmp_path, data_dir):
+    runs = _writable_folder(tmp_path / "runs")
+    container = _run([*BUILDAH, "from", image]).stdout.strip()
+    try:
+        result = subprocess.run([*BUILDAH, "run", "--isolation", "chroot", "--user", "1000:1000", "-v",
+                                 f"{runs}:/runs", container, "--", "python", "-m", "trainer", *TRAIN, "--run", "img"],
+                                capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run([*BUILDAH, "rm", container], capture_output=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "run folder: /runs/img" in result.stdout
+    metrics = _evaluates_as_recorded(runs, "img", data_dir)
+    assert metrics["data_source"] == "idx" and metrics["test_accuracy"] > 0.9
+    saved = json.load(open(os.path.join(runs, "img", "config.json")))
+    assert saved["data"]["data_dir"] == "/opt/data"  # the image's own data (TRAINER_DATA_DIR): nothing downloaded
+    assert os.stat(os.path.join(runs, "img", "metrics.json")).st_uid == 1000
+
+
+def test_make_local_runs_the_same_image_as_any_user(image, tmp_path, data_dir):
+    runs = _writable_folder(tmp_path / "local")
+    # `-o image`: the fixture has just built it with `make image`; the rest is what `make local` does.
+    result = _run(["make", "-o", "image", "local", "CONTAINER=buildah", f"BASE_IMAGE={BASE}", f"IMAGE={IMAGE}", f"TAG={TAG}",
+                   "LOCAL_USER=4321:4321", f"OUTPUT_DIR={runs}", "MODEL=mlp300", "EPOCHS=1", "RUN=local", "GPUS=0"],
+                  cwd=ROOT)
+    assert "run folder: /runs/local" in result.stdout
+    _evaluates_as_recorded(runs, "local", data_dir)
+    assert os.stat(os.path.join(runs, "local", "metrics.json")).st_uid == 4321  # no passwd entry: HOME is /tmp

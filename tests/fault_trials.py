@@ -253,8 +253,7 @@ def _inject(attempt: _Attempt, target: str, rng: random.Random, store: GCSStore,
 def figure(trials: list[Trial]) -> dict[str, Any]:
     """The numbers the README states."""
     faults = [f for t in trials for f in t.faults]
-    trained = [f for f in faults if f.lost or f.moment in ("mid-training", "checkpoint shipping")]
-    lost = [f.lost for f in faults]
+    lost = {kind: [f.lost for f in faults if f.kind == kind] or [0] for kind in ("kill", "sigterm")}
     return {
         "trials": len(trials),
         "faults": len(faults),
@@ -264,10 +263,9 @@ def figure(trials: list[Trial]) -> dict[str, Any]:
         "runs_lost": sum(not (t.finished and t.evaluated_as_recorded) for t in trials),
         "violations": sum(len(t.violations) for t in trials),
         "observations": sum(t.observations for t in trials),
-        "steps_lost_median": statistics.median(lost) if lost else 0,
-        "steps_lost_max": max(lost, default=0),
-        "steps_lost_median_kill_in_training": statistics.median(
-            [f.lost for f in trained if f.kind == "kill"] or [0]),
+        "steps_lost_max": max(lost["kill"] + lost["sigterm"]),
+        "steps_lost_kill": {"median": statistics.median(lost["kill"]), "max": max(lost["kill"])},
+        "steps_lost_sigterm": {"median": statistics.median(lost["sigterm"]), "max": max(lost["sigterm"])},
         "checkpoint_every": CHECKPOINT_EVERY,
         "faults_detail": [dataclasses.asdict(f) | {"trial": t.number, "lost": f.lost} for t in trials
                           for f in t.faults],

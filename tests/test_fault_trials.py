@@ -33,6 +33,7 @@ def test_a_run_survives_kill_9_and_sigterm_at_every_moment_of_its_life(bucket, d
     # A kill loses the steps since the last committed checkpoint: at most --checkpoint-every plus those trained
     # while one commit is under way (100 steps take ~0.3 s here, about what a commit to the emulator takes).
     assert result["steps_lost_max"] <= 3 * CHECKPOINT_EVERY, (context, result["faults_detail"])
+    assert result["steps_lost_sigterm"]["max"] == 0, (context, result["faults_detail"])  # it saves where it stops
     # An attempt may end before the moment aimed at comes (a short final flush), and a finished run takes no more.
     assert result["faults"] >= TRIALS, context
     if TRIALS >= 10:  # `make faults`: every moment of a run's life was hit

@@ -204,7 +204,7 @@ class LocalStore(Store):
             self._replace(name, lambda tmp: (open(tmp, "wb").write(data), os.utime(tmp, ns=(new, new))))
             return new
 
-    def _exclusive(self, name: str) -> Any:
+    def _exclusive(self, name: str) -> "_Flock":
         target = self._path(name)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         return _Flock(os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.lock"))

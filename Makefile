@@ -34,7 +34,7 @@ QUEUE       ?=
 PRIORITY    ?=
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-.PHONY: install train test faults bench data image-data manifests image push submit local tensorboard clean
+.PHONY: install lock train test faults bench data image-data manifests image push submit local tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -42,8 +42,8 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(VENV)/.installed: setup.py docker/requirements-no-deps.txt $(VENV)/bin/python
-	$(PY) -m pip install --quiet -e '.[test]'
+$(VENV)/.installed: setup.py docker/requirements-no-deps.txt docker/constraints.txt $(VENV)/bin/python
+	$(PY) -m pip install --quiet -c docker/constraints.txt -e '.[test]'
 	$(PY) -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
 	touch $@
 
@@ -62,6 +62,11 @@ faults: install
 
 bench: install
 	ONLY=$(ONLY) $(PY) -m bench.run
+
+# Write docker/constraints.txt from the installed environment (after a setup.py change and a green make test).
+lock: install
+	{ sed -n '1,2p' docker/constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -i '^pyflakes=='; } \
+	  > docker/constraints.txt.new && mv docker/constraints.txt.new docker/constraints.txt
 
 manifests: install
 	$(PY) -m trainer.launch render k8s

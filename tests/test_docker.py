@@ -26,11 +26,13 @@ def test_image_is_pinned_non_root_and_runs_the_trainer():
     assert re.search(r"^USER [1-9]\d*:[1-9]\d*$", text, re.M)
     assert 'ENTRYPOINT ["python", "-m", "trainer"]' in text
     # Dependencies, then the data, then the code: a code change reuses the dependency and data layers.
-    assert text.index("COPY setup.py") < text.index("pip install --no-cache-dir .") < text.index("COPY build/data") \
+    assert text.index("COPY setup.py") < text.index("pip install --no-cache-dir -c") < text.index("COPY build/data") \
         < text.index("COPY trainer/")
     assert "TRAINER_DATA_DIR=/opt/data" in text and "trainer data --data-dir /opt/data --data-source idx" in text
     ignore = open(os.path.join(ROOT, "docker", "Dockerfile.dockerignore")).read().splitlines()
     assert "**" in ignore
     copied = [source for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for source in line.split()]
-    assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "build/data/idx/", "trainer/"}
+    assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "docker/constraints.txt", "build/data/idx/",
+                           "trainer/"}
+    assert "pip install --no-cache-dir -c constraints.txt ." in text  # every dependency at its tested version
     assert all(f"!{source}" in ignore for source in copied)  # everything copied is sent to the builder

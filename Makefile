@@ -63,10 +63,13 @@ faults: install
 bench: install
 	ONLY=$(ONLY) $(PY) -m bench.run
 
-# Write docker/constraints.txt from the installed environment (after a setup.py change and a green make test).
-lock: install
-	{ sed -n '1,2p' docker/constraints.txt; $(PY) -m pip freeze --exclude-editable | grep -v -i '^pyflakes=='; } \
-	  > docker/constraints.txt.new && mv docker/constraints.txt.new docker/constraints.txt
+# Rewrite docker/constraints.txt from a fresh install of setup.py's pins (after changing them; then make test).
+lock:
+	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
+	build/lock-venv/bin/python -m pip install --quiet -e '.[test]'
+	build/lock-venv/bin/python -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
+	{ sed -n '1,2p' docker/constraints.txt; build/lock-venv/bin/python -m pip freeze --exclude-editable; } \
+	  > docker/constraints.txt.new && mv docker/constraints.txt.new docker/constraints.txt && rm -rf build/lock-venv
 
 manifests: install
 	$(PY) -m trainer.launch render k8s

@@ -158,7 +158,7 @@ class LocalStore(Store):
         os.replace(tmp, target)
 
     def write(self, name: str, data: bytes) -> None:
-        self._replace(name, lambda tmp: open(tmp, "wb").write(data))
+        self._replace(name, lambda tmp: _write_file(tmp, data))
 
     def upload(self, local_path: str, name: str) -> None:
         self._replace(name, lambda tmp: shutil.copyfile(local_path, tmp))
@@ -201,7 +201,7 @@ class LocalStore(Store):
             if current != generation:
                 raise Conflict(f"{name} is at generation {current}, not {generation}")
             new = max(time.time_ns(), current + 1)
-            self._replace(name, lambda tmp: (open(tmp, "wb").write(data), os.utime(tmp, ns=(new, new))))
+            self._replace(name, lambda tmp: _write_file(tmp, data, mtime_ns=new))
             return new
 
     def _exclusive(self, name: str) -> "_Flock":
@@ -351,6 +351,15 @@ class GCSStore(Store):
         except api.PreconditionFailed as error:
             raise Conflict(f"{name} is no longer at generation {generation}") from error
         return int(blob.generation)
+
+
+def _write_file(path: str, data: bytes, mtime_ns: int | None = None) -> None:
+    """Write `data` to `path` and close it; then, if given, set its modification time (after the last write,
+    which would move it)."""
+    with open(path, "wb") as f:
+        f.write(data)
+    if mtime_ns is not None:
+        os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
 class _Flock:

@@ -17,12 +17,16 @@ REGISTRY    ?= REGION-docker.pkg.dev/PROJECT/mnist
 IMAGE       ?= $(REGISTRY)/mnist-trainer
 TAG         ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 BASE_IMAGE  ?=
+DOCKERFILE  ?= docker/Dockerfile
+# The base's tag, read from the Dockerfile's "# base:" line; `make pin-base` pins the FROM to its digest.
+BASE_TAG    ?= $(shell sed -n 's/^# base: //p' $(DOCKERFILE))
+SKOPEO_ARGS ?=
 # docker, else podman, else buildah (daemonless; vfs storage works everywhere, also inside a container)
 CONTAINER   ?= $(shell for t in docker podman buildah; do command -v $$t >/dev/null 2>&1 && echo $$t && break; done)
 BUILDAH     ?= buildah --storage-driver vfs
 LOCAL_USER  ?= $(shell id -u):$(shell id -g)
 IGNORE_FILE := docker/Dockerfile.dockerignore
-BUILD_ARGS   = -f docker/Dockerfile $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE):$(TAG)
+BUILD_ARGS   = -f $(DOCKERFILE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE):$(TAG)
 LOCAL_ARGS   = train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if $(RUN),--run $(RUN))
 BUCKET      ?=
 REMOTE_DIR  ?= gs://$(BUCKET)/runs
@@ -34,7 +38,7 @@ QUEUE       ?=
 PRIORITY    ?=
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
-.PHONY: install lock train test faults bench data image-data manifests image push submit local tensorboard clean
+.PHONY: install lock train test faults bench data image-data manifests pin-base image push submit local tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -78,6 +82,17 @@ manifests: install
 # Debian's dataset-fashion-mnist if installed, else a TFDS download).
 image-data: install
 	$(PY) -m trainer data --data-dir build/data --data-source auto
+
+# Pin the Dockerfile's base to the digest its tag names now (BASE_TAG=repo:tag to move to another tag first);
+# reads only the manifest, with skopeo (apt-get install skopeo).
+pin-base:
+	@command -v skopeo >/dev/null || { echo "error: make pin-base needs skopeo (apt-get install skopeo)" >&2; exit 2; }
+	@mkdir -p build && skopeo inspect $(SKOPEO_ARGS) --raw docker://$(BASE_TAG) > build/base-manifest.json \
+	  && digest=$$(skopeo manifest-digest build/base-manifest.json) \
+	  && repository=$$(echo '$(BASE_TAG)' | sed 's/:[^:/]*$$//') \
+	  && sed -i -e 's|^# base: .*|# base: $(BASE_TAG)|' -e "s|^ARG BASE_IMAGE=.*|ARG BASE_IMAGE=$$repository@$$digest|" \
+	     $(DOCKERFILE) \
+	  && echo "$(DOCKERFILE): $(BASE_TAG) pinned as $$repository@$$digest"
 
 image: image-data
 ifeq ($(CONTAINER),buildah)

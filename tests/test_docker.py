@@ -21,18 +21,23 @@ def test_hadolint_passes():
 def test_image_is_pinned_non_root_and_runs_the_trainer():
     text = open(DOCKERFILE).read()
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)  # a build argument whose default is the official image
-    base = re.search(r"^ARG BASE_IMAGE=(\S+)$", text, re.M).group(1)
-    assert re.fullmatch(r"tensorflow/tensorflow:2\.21\.\d+-gpu", base)
+    tag, base = re.search(r"^# base: (\S+)\nARG BASE_IMAGE=(\S+)$", text, re.M).groups()
+    assert re.fullmatch(r"tensorflow/tensorflow:2\.21\.\d+-gpu", tag)  # the tag, beside its pin (`make pin-base`)
+    assert base == tag or re.fullmatch(r"tensorflow/tensorflow@sha256:[0-9a-f]{64}", base)
     assert re.search(r"^USER [1-9]\d*:[1-9]\d*$", text, re.M)
     assert 'ENTRYPOINT ["python", "-m", "trainer"]' in text
-    # Dependencies, then the data, then the code: a code change reuses the dependency and data layers.
-    assert text.index("COPY setup.py") < text.index("pip install --no-cache-dir -c") < text.index("COPY build/data") \
+    # The data, then the dependencies, then the code: a code change reuses the dependency and data layers.
+    assert text.index("COPY build/data") < text.index("COPY setup.py") < text.index("pip install --no-cache-dir -c") \
         < text.index("COPY trainer/")
-    assert "TRAINER_DATA_DIR=/opt/data" in text and "trainer data --data-dir /opt/data --data-source idx" in text
+    # At most two steps after the dependencies: vfs builders keep a full copy of the file system per step.
+    instructions = re.findall(r"^([A-Z]+) ", text, re.M)
+    after = len(instructions) - 1 - max(i for i, word in enumerate(instructions) if word == "RUN")
+    assert after <= 2, instructions
+    assert "TRAINER_DATA_DIR=/opt/data" in text
     ignore = open(os.path.join(ROOT, "docker", "Dockerfile.dockerignore")).read().splitlines()
     assert "**" in ignore
     copied = [source for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for source in line.split()]
     assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "docker/constraints.txt", "build/data/idx/",
                            "trainer/"}
-    assert "pip install --no-cache-dir -c constraints.txt ." in text  # every dependency at its tested version
+    assert "pip install --no-cache-dir -c /tmp/deps/constraints.txt /tmp/deps" in text  # every dependency pinned
     assert all(f"!{source}" in ignore for source in copied)  # everything copied is sent to the builder

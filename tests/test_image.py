@@ -2,14 +2,18 @@
 Debian root filesystem made by debootstrap: the official TensorFlow image cannot be pulled here), then the
 trainer runs inside it, as the image's own user and, through `make local`, as an arbitrary one, writing a run
 into a folder of the host that the host then evaluates. Builds are cached between runs: the base's root
-filesystem in IMAGE_TEST_CACHE (default /var/cache/mnist-trainer-tests), the layers in buildah's storage."""
+filesystem in IMAGE_TEST_CACHE (default /var/cache/mnist-trainer-tests), the layers in buildah's storage; the
+images of earlier builds that no tag reaches any more are removed after each build."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
 import subprocess
+import time
+import urllib.request
 
 import pytest
 
@@ -20,6 +24,9 @@ BASE = "localhost/mnist-trainer-test-base:bookworm"
 IMAGE, TAG = "localhost/mnist-trainer", "test"
 BUILDAH = ["buildah", "--storage-driver", "vfs"]
 TRAIN = ["train", "--model", "mlp300", "--epochs", "1", "--output-dir", "/runs"]
+# Free space a build from nothing takes at its peak in buildah's storage (vfs keeps a full copy of the file system
+# per build step and per container: 18.5 GB at the peak on the stand-in base, running included), with a margin.
+NEEDED_GB = 22
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("buildah") and shutil.which("debootstrap")),
@@ -55,11 +62,30 @@ def _base_image() -> None:
     _run([*BUILDAH, "bud", "--isolation", "chroot", "-f", os.path.join(CACHE, "Containerfile"), "-t", BASE, CACHE])
 
 
+def _storage_root() -> str:
+    """Where buildah keeps layers and containers."""
+    return json.loads(_run([*BUILDAH, "info"]).stdout)["store"]["GraphRoot"]
+
+
+def _prune_stale_images() -> None:
+    """Remove images no tag reaches any more (an earlier build's code steps), leaf first, keeping every step the
+    tagged images are built from (the build cache)."""
+    while dangling := _run([*BUILDAH, "images", "--all", "--quiet", "--filter", "dangling=true"]).stdout.split():
+        _run([*BUILDAH, "rmi", *dangling])
+
+
 @pytest.fixture(scope="module")
 def image() -> str:
     """The project's image, built by `make image` with buildah on the stand-in base."""
+    root = _storage_root()
+    os.makedirs(root, exist_ok=True)
+    free = shutil.disk_usage(root).free / 1e9
+    if free < NEEDED_GB:
+        pytest.skip(f"building the image needs {NEEDED_GB} GB free under {root} (vfs keeps a full copy per step); "
+                    f"{free:.1f} GB are free")
     _base_image()
     _run(["make", "image", "CONTAINER=buildah", f"BASE_IMAGE={BASE}", f"IMAGE={IMAGE}", f"TAG={TAG}"], cwd=ROOT)
+    _prune_stale_images()
     return f"{IMAGE}:{TAG}"
 
 
@@ -104,3 +130,65 @@ def test_make_local_runs_the_same_image_as_any_user(image, tmp_path, data_dir):
     assert "run folder: /runs/local" in result.stdout
     _evaluates_as_recorded(runs, "local", data_dir)
     assert os.stat(os.path.join(runs, "local", "metrics.json")).st_uid == 4321  # no passwd entry: HOME is /tmp
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A real image registry (Debian's docker-registry, the CNCF distribution registry) on loopback."""
+    if not (shutil.which("docker-registry") and shutil.which("skopeo")):
+        pytest.skip("pinning the base needs skopeo, and its test a registry (apt-get install skopeo docker-registry; "
+                    ".ci/run installs them)")
+    port = _free_port()
+    config = tmp_path / "registry.yml"
+    config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'blobs'}\n"
+                      f"http:\n  addr: 127.0.0.1:{port}\n")
+    server = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v2/", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "the registry did not start"
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)
+
+
+def test_make_pin_base_pins_the_base_to_the_digest_its_tag_names(registry, tmp_path):
+    _base_image()
+    tag = f"{registry}/tensorflow-stand-in:2.21.0-gpu"
+    digest_file = tmp_path / "pushed.digest"
+    _run([*BUILDAH, "push", "--tls-verify=false", "--digestfile", str(digest_file), BASE, f"docker://{tag}"])
+    pushed = digest_file.read_text().strip()
+    dockerfile = tmp_path / "Dockerfile"
+    shutil.copy(os.path.join(ROOT, "docker", "Dockerfile"), dockerfile)
+    result = _run(["make", "--no-print-directory", "pin-base", f"DOCKERFILE={dockerfile}", f"BASE_TAG={tag}",
+                   "SKOPEO_ARGS=--tls-verify=false"], cwd=ROOT)
+    pinned = f"{registry}/tensorflow-stand-in@{pushed}"
+    assert result.stdout.strip() == f"{dockerfile}: {tag} pinned as {pinned}"
+    text = dockerfile.read_text()
+    assert f"\n# base: {tag}\nARG BASE_IMAGE={pinned}\n" in text
+    # The rest of the Dockerfile is untouched, and what the pin names is the image that was pushed.
+    original = open(os.path.join(ROOT, "docker", "Dockerfile")).read().splitlines()
+    changed = [line for line in text.splitlines() if line not in original]
+    assert len(text.splitlines()) == len(original) and len(changed) == 2
+    image_id = _run([*BUILDAH, "pull", "--tls-verify=false", "--quiet", pinned]).stdout.strip()
+    _run([*BUILDAH, "rmi", pinned])  # only that name: the base stays
+    assert image_id == _run([*BUILDAH, "inspect", "--format", "{{.FromImageID}}", BASE]).stdout.strip()
+    # A tag the registry does not have: one error line, the Dockerfile untouched.
+    missing = subprocess.run(["make", "--no-print-directory", "pin-base", f"DOCKERFILE={dockerfile}",
+                              f"BASE_TAG={registry}/nothing:here", "SKOPEO_ARGS=--tls-verify=false"], cwd=ROOT,
+                             capture_output=True, text=True)
+    assert missing.returncode != 0 and "nothing:here" in missing.stderr
+    assert dockerfile.read_text() == text

@@ -15,6 +15,19 @@ def trainer_command(output_dir: str, run: str, scratch: str, *flags: str) -> lis
             "--scratch-dir", scratch]
 
 
+def mnist_data_dir() -> str:
+    """The trainer's default data dir, MNIST's IDX files imported there from the packaged copy if missing (what
+    the trainer reads by default, and what the peers read; every reader verifies them)."""
+    from trainer.config import DataConfig
+    from trainer.datasets import IDX_FILES, idx_dir, import_packaged
+
+    data_dir = os.path.expanduser(DataConfig().data_dir)
+    folder = idx_dir(data_dir, "mnist")
+    if not all(os.path.exists(os.path.join(folder, name)) for names in IDX_FILES.values() for name in names):
+        import_packaged("mnist", data_dir)
+    return data_dir
+
+
 def reference_env(onednn: bool | None = None) -> dict[str, str]:
     """The environment of a reference program; onednn None leaves oneDNN to TensorFlow's own default."""
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}

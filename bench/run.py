@@ -1,7 +1,8 @@
 """`make bench` (`python -m bench.run`): run the benchmarks, print a table and write bench/results.json.
 
 All comparisons run on this machine in this one invocation and are reported as ratios.
-`make bench ONLY=storage_overhead` (or throughput, time_to_accuracy) runs one suite.
+`make bench ONLY=storage_overhead` (or throughput, time_to_accuracy, scaling) runs one suite. The peers (PyTorch,
+JAX) get their own virtual environments under build/peers/ on first use.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import platform
 import sys
 import time
 
-from bench import storage_overhead, throughput, time_to_accuracy
+from bench import scaling, storage_overhead, throughput, time_to_accuracy
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
-SUITES = {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "storage_overhead": storage_overhead}
+SUITES = {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "scaling": scaling,
+          "storage_overhead": storage_overhead}
 
 
 def main() -> int:
@@ -28,11 +30,11 @@ def main() -> int:
     results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "python": platform.python_version()}
     for name, suite in SUITES.items():
-        if not only or name == only:
+        if not only or name in only.split(","):
             results[name] = {**suite.run(), "date": time.strftime("%Y-%m-%d %H:%M")}
-    with open(RESULTS, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
+            with open(RESULTS, "w") as f:  # after every suite: a later failure keeps what was measured
+                json.dump(results, f, indent=2)
+                f.write("\n")
     for name, suite in SUITES.items():
         if name in results:
             for label, value in suite.rows(results[name]):

@@ -1,8 +1,12 @@
-"""Forward FLOPs per image of the cnn preset's model (TensorFlow's profiler on the frozen graph), as JSON."""
+"""Forward FLOPs per image of a preset's model (TensorFlow's profiler on the frozen graph), as JSON.
+
+Usage: python -m bench.references.model_flops [MODEL]  (default cnn)
+"""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import tensorflow as tf
 from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
@@ -12,7 +16,7 @@ from trainer.models import build_model
 
 def main() -> None:
     """Profile one forward pass and print its float operations."""
-    model = build_model("cnn")
+    model = build_model(sys.argv[1] if len(sys.argv) > 1 else "cnn")
     forward = tf.function(lambda x: model(x, training=False)).get_concrete_function(
         tf.TensorSpec((1, 28, 28, 1), tf.uint8))
     graph = convert_variables_to_constants_v2(forward).graph

@@ -71,6 +71,56 @@ def on_paper(bytes_per_step: dict[str, int], forward_flops: dict[str, int]) -> d
     return estimates
 
 
+def _ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def _group_env(index: int, ports: list[int]) -> dict[str, str]:
+    """A worker's environment, as the JobSet gives it (TRAINER_WORKERS, JOB_COMPLETION_INDEX)."""
+    return {**os.environ, "TRAINER_WORKERS": ",".join(f"127.0.0.1:{p}" for p in ports),
+            "JOB_COMPLETION_INDEX": str(index)}
+
+
+def _in_group(commands: list[list[str]]) -> list[str]:
+    """Run one command per worker at once; each one's stdout."""
+    ports = _ports(len(commands))
+    processes = [subprocess.Popen(command, cwd=ROOT, env=_group_env(i, ports), stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, text=True) for i, command in enumerate(commands)]
+    outputs = [p.communicate(timeout=1800)[0] for p in processes]
+    for p in processes:
+        if p.returncode:
+            raise subprocess.CalledProcessError(p.returncode, commands[0])
+    return outputs
+
+
+def _trainer(work: str, run: str, setup: str) -> float:
+    """Examples/sec of one cnn run (1 epoch) in a set-up: one, two_replicas or two_workers."""
+    runs = os.path.join(work, "runs")
+    flags = ("--model", "cnn", "--epochs", "1", "--batch-size", str(BATCH))
+    if setup == "two_workers":
+        _in_group([trainer_command(runs, run, os.path.join(work, f"scratch-{i}"), *flags) for i in range(2)])
+    else:
+        extra = ("--cpu-replicas", "2") if setup == "two_replicas" else ()
+        subprocess.run(trainer_command(runs, run, os.path.join(work, "scratch"), *flags, *extra), cwd=ROOT,
+                       check=True, capture_output=True)
+    with open(os.path.join(runs, run, "metrics.json")) as f:
+        return json.load(f)["examples_per_sec"]
+
+
+def _all_reduce(preset: str, setup: str) -> dict[str, Any]:
+    """One step's all-reduce of the preset's gradients, in 2 logical replicas or 2 worker processes."""
+    if setup == "two_workers":
+        outputs = _in_group([reference_command("allreduce", preset, str(CALLS)) for _ in range(2)])
+        return json.loads(outputs[0].strip().splitlines()[-1])
+    return json.loads(reference("allreduce", preset, str(CALLS), "2", onednn=True))
+
+
 def run() -> dict[str, Any]:
     """Throughput of the three set-ups and all-reduce times of every preset."""
     started = time.time()

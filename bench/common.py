@@ -19,11 +19,10 @@ def mnist_data_dir() -> str:
     """The trainer's default data dir, MNIST's IDX files imported there from the packaged copy if missing (what
     the trainer reads by default, and what the peers read; every reader verifies them)."""
     from trainer.config import DataConfig
-    from trainer.datasets import IDX_FILES, idx_dir, import_packaged
+    from trainer.datasets import idx_complete, idx_dir, import_packaged
 
     data_dir = os.path.expanduser(DataConfig().data_dir)
-    folder = idx_dir(data_dir, "mnist")
-    if not all(os.path.exists(os.path.join(folder, name)) for names in IDX_FILES.values() for name in names):
+    if not idx_complete(idx_dir(data_dir, "mnist")):
         import_packaged("mnist", data_dir)
     return data_dir
 

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 from bench.common import ROOT
 
@@ -44,14 +43,3 @@ def run(peer: str, *args: str) -> dict:
     result = subprocess.run(command(peer, *args), cwd=ROOT, check=True, capture_output=True, text=True)
     return json.loads(result.stdout.strip().splitlines()[-1])
 
-
-def time_to_accuracy(peer: str, data_dir: str, seed: int, target: float) -> dict:
-    """Run the peer's lenet_bn recipe once; seconds from process start to its first test accuracy >= target."""
-    argv = command(peer, "accuracy", data_dir, str(seed))
-    start = time.time()
-    result = subprocess.run(argv, cwd=ROOT, check=True, capture_output=True, text=True)
-    evaluations = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-    reached = [e["time"] - start for e in evaluations if e["test_accuracy"] >= target]
-    return {"seconds_to_target": round(reached[0], 1) if reached else None,
-            "final_test_accuracy": evaluations[-1]["test_accuracy"],
-            "process_seconds": round(time.time() - start, 1)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 import urllib.request
@@ -18,6 +17,7 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, needs_offline_copy, run_cli
+from gcs import free_port
 
 CACHE = os.environ.get("IMAGE_TEST_CACHE", "/var/cache/mnist-trainer-tests")
 BASE = "localhost/mnist-trainer-test-base:bookworm"
@@ -132,19 +132,13 @@ def test_make_local_runs_the_same_image_as_any_user(image, tmp_path, data_dir):
     assert os.stat(os.path.join(runs, "local", "metrics.json")).st_uid == 4321  # no passwd entry: HOME is /tmp
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def registry(tmp_path):
     """A real image registry (Debian's docker-registry, the CNCF distribution registry) on loopback."""
     if not (shutil.which("docker-registry") and shutil.which("skopeo")):
         pytest.skip("pinning the base needs skopeo, and its test a registry (apt-get install skopeo docker-registry; "
                     ".ci/run installs them)")
-    port = _free_port()
+    port = free_port()
     config = tmp_path / "registry.yml"
     config.write_text(f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {tmp_path / 'blobs'}\n"
                       f"http:\n  addr: 127.0.0.1:{port}\n")

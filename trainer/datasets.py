@@ -71,7 +71,7 @@ def load_split(config: DataConfig, split: str) -> Split:
         source = "idx"
     if source == "idx":
         folder = idx_dir(data_dir, config.dataset)
-        if not _idx_complete(folder):
+        if not idx_complete(folder):
             raise DataError(f"missing data files in {folder} (import them with `python -m trainer data "
                             f"--dataset {config.dataset} --data-dir {config.data_dir}`)")
         images, labels = read_idx_split(folder, split)
@@ -87,7 +87,7 @@ def resolve_source(dataset: str, data_dir: str) -> str:
 
     if tfds.builder(dataset, data_dir=data_dir).is_prepared():
         return "tfds"
-    if _idx_complete(idx_dir(data_dir, dataset)):
+    if idx_complete(idx_dir(data_dir, dataset)):
         return "idx"
     if packaged_copy(dataset):
         return "packaged"
@@ -99,7 +99,8 @@ def idx_dir(data_dir: str, dataset: str) -> str:
     return os.path.join(os.path.expanduser(data_dir), "idx", dataset)
 
 
-def _idx_complete(folder: str) -> bool:
+def idx_complete(folder: str) -> bool:
+    """Whether every split's IDX files are in the folder."""
     return all(os.path.exists(os.path.join(folder, f)) for s in SPLITS for f in IDX_FILES[s])
 
 
@@ -175,7 +176,7 @@ def packaged_copy(dataset: str) -> str | None:
             path = os.path.join(list(spec.submodule_search_locations)[0], "data", "mnist.pkl.gz")
             return path if os.path.exists(path) else None
         return None
-    return DEBIAN_FASHION_MNIST if _idx_complete(DEBIAN_FASHION_MNIST) else None
+    return DEBIAN_FASHION_MNIST if idx_complete(DEBIAN_FASHION_MNIST) else None
 
 
 def import_packaged(dataset: str, data_dir: str) -> str:

@@ -105,8 +105,6 @@ def _restricted_container() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
 
 
-
-
 def _trainer_container(spec: JobSpec) -> dict[str, Any]:
     own = dict(zip(LAUNCHER_FLAGS, (spec.output_dir, spec.run, SCRATCH, str(max(1, spec.grace_seconds - 5)))))
     args = ["train", *(part for flag, value in own.items() for part in (flag, value)), *spec.trainer_args]

@@ -21,8 +21,12 @@ DOCKERFILE  ?= docker/Dockerfile
 # The base's tag, read from the Dockerfile's "# base:" line; `make pin-base` pins the FROM to its digest.
 BASE_TAG    ?= $(shell sed -n 's/^# base: //p' $(DOCKERFILE))
 SKOPEO_ARGS ?=
-# docker, else podman, else buildah (daemonless; vfs storage works everywhere, also inside a container)
-CONTAINER   ?= $(shell for t in docker podman buildah; do command -v $$t >/dev/null 2>&1 && echo $$t && break; done)
+# docker if its engine answers, else podman, else buildah (daemonless; vfs storage works everywhere, also inside
+# a container); decided once per make. A docker client without a running engine counts as no docker.
+ifeq ($(origin CONTAINER),undefined)
+CONTAINER   := $(shell docker version --format '{{.Server.Version}}' >/dev/null 2>&1 && echo docker \
+                 || { for t in podman buildah; do command -v $$t >/dev/null && echo $$t && exit; done; echo docker; })
+endif
 BUILDAH     ?= buildah --storage-driver vfs
 LOCAL_USER  ?= $(shell id -u):$(shell id -g)
 IGNORE_FILE := docker/Dockerfile.dockerignore

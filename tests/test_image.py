@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -130,6 +131,34 @@ def test_make_local_runs_the_same_image_as_any_user(image, tmp_path, data_dir):
     assert "run folder: /runs/local" in result.stdout
     _evaluates_as_recorded(runs, "local", data_dir)
     assert os.stat(os.path.join(runs, "local", "metrics.json")).st_uid == 4321  # no passwd entry: HOME is /tmp
+
+
+@pytest.fixture
+def podman_env(tmp_path) -> dict:
+    """podman on buildah's vfs storage (the same images and build cache) with chroot isolation for RUN steps."""
+    if not shutil.which("podman"):
+        pytest.skip("the podman path needs podman (apt-get install podman; .ci/run installs it)")
+    storage = tmp_path / "storage.conf"
+    storage.write_text(f'[storage]\ndriver = "vfs"\ngraphroot = "{_storage_root()}"\n'
+                       'runroot = "/run/containers/storage"\n')
+    return {**os.environ, "CONTAINERS_STORAGE_CONF": str(storage), "BUILDAH_ISOLATION": "chroot"}
+
+
+def test_without_a_docker_engine_make_image_uses_podman_and_builds_the_same_image(image, podman_env):
+    # A docker client without a running engine (as here) counts as no docker.
+    engine = shutil.which("docker") and subprocess.run(["docker", "version"], capture_output=True).returncode == 0
+    database = _run(["make", "--no-print-directory", "-pn", "image"], cwd=ROOT, env=podman_env).stdout
+    assert re.search(r"^CONTAINER := (\S+)$", database, re.M).group(1) == ("docker" if engine else "podman")
+    make = ["make", "--no-print-directory", "CONTAINER=podman", f"BASE_IMAGE={BASE}", f"IMAGE={IMAGE}", f"TAG={TAG}"]
+    built = _run([*make, "image"], cwd=ROOT, env=podman_env)
+    assert "podman build" in built.stdout
+    podman_id = _run(["podman", "image", "inspect", "--format", "{{.Id}}", image], env=podman_env).stdout.strip()
+    assert podman_id == _run([*BUILDAH, "inspect", "--format", "{{.FromImageID}}", image]).stdout.strip()
+    # `make local` then runs that image with podman (not run here: see the README).
+    local = _run([*make, "-n", "-o", "image", "local", "LOCAL_USER=4321:4321", "OUTPUT_DIR=/somewhere", "RUN=p",
+                  "GPUS=0"], cwd=ROOT, env=podman_env).stdout
+    assert (f"podman run --rm --shm-size 2g --user 4321:4321 -v /somewhere:/runs {image} train --output-dir /runs"
+            in " ".join(word for word in local.split() if word != "\\"))
 
 
 @pytest.fixture

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-from conftest import needs_offline_copy
+from conftest import ROOT, needs_offline_copy
 from trainer import datasets
 from trainer.config import DataConfig
 from trainer.datasets import DataError, load_split
@@ -77,3 +80,20 @@ def test_idx_files_round_trip(tmp_path):
     array = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
     datasets.write_idx(str(tmp_path / "x.gz"), array)
     np.testing.assert_array_equal(datasets.read_idx(str(tmp_path / "x.gz")), array)
+
+
+def test_auto_source_asks_tfds_only_where_it_may_have_prepared_the_dataset(data_dir, tmp_path):
+    # In a fresh process: whether TFDS (a second or so to import and probe) was imported shows in sys.modules.
+    probe = ("import sys; from trainer.datasets import resolve_source; "
+             "print(resolve_source('mnist', sys.argv[1]), 'tensorflow_datasets' in sys.modules)")
+
+    def resolve(folder: str) -> str:
+        result = subprocess.run([sys.executable, "-c", probe, folder], cwd=ROOT, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout.strip()
+
+    assert resolve(data_dir) == "idx False"  # IDX files, no TFDS folder: TFDS is not imported
+    # A TFDS folder of the dataset that holds no prepared version: TFDS is asked, and the IDX files are used.
+    shutil.copytree(data_dir, tmp_path / "data")
+    os.makedirs(tmp_path / "data" / "mnist" / "3.0.1")
+    assert resolve(str(tmp_path / "data")) == "idx True"

@@ -80,6 +80,10 @@ def test_augmentation_shifts_images_deterministically(mnist):
 
 def test_eval_pipeline_covers_every_example_once(mnist):
     split = _small(mnist["test"], 1000)
-    fn = input_pipeline.eval_dataset_fn(split, 64)
-    labels = np.concatenate([y.numpy() for _, y in fn(tf.distribute.InputContext())])
-    np.testing.assert_array_equal(labels, split.labels)
+    fn = input_pipeline.eval_index_fn(len(split), 64)
+    indices = np.concatenate([b["indices"].numpy() for b in fn(tf.distribute.InputContext())])
+    np.testing.assert_array_equal(indices, np.arange(len(split)))
+    # Two workers: disjoint shards that together cover every example once.
+    shards = [np.concatenate([b["indices"].numpy() for b in fn(tf.distribute.InputContext(2, i, 1))])
+              for i in range(2)]
+    np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(len(split)))

@@ -83,10 +83,13 @@ def load_split(config: DataConfig, split: str) -> Split:
 
 def resolve_source(dataset: str, data_dir: str) -> str:
     """Where `--data-source auto` reads from: 'tfds', 'idx', or 'packaged' (an offline copy to import first)."""
-    import tensorflow_datasets as tfds
+    # TFDS keeps a prepared dataset under <data_dir>/<dataset>/: without that folder, TFDS (a second or so to
+    # import and probe) is not asked.
+    if os.path.isdir(os.path.join(data_dir, dataset)):
+        import tensorflow_datasets as tfds
 
-    if tfds.builder(dataset, data_dir=data_dir).is_prepared():
-        return "tfds"
+        if tfds.builder(dataset, data_dir=data_dir).is_prepared():
+            return "tfds"
     if idx_complete(idx_dir(data_dir, dataset)):
         return "idx"
     if packaged_copy(dataset):

@@ -10,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from trainer.datasets import NUM_CLASSES, Split
-from trainer.input_pipeline import eval_dataset_fn
+from trainer.input_pipeline import eval_index_fn, gather_batch, resident_split
 
 
 def summarize(confusion: np.ndarray, loss_sum: float) -> dict[str, Any]:
@@ -47,15 +47,23 @@ EVAL_BATCH = 500  # examples per replica and call: evaluation needs no gradients
 def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, split: Split) -> Callable[[], dict[str, Any]]:
     """A function evaluating the live model on every example of `split`, each replica taking a share
     of each batch; the whole pass is one tf.function call, traced once."""
+    # As in training, the split stays on the devices and batches of indices are fed: a dataset holding the
+    # images would put them into the graphs as constants, which costs about a second at the first call.
+    resident = resident_split(strategy, split)
     dataset = strategy.distribute_datasets_from_function(
-        eval_dataset_fn(split, EVAL_BATCH * strategy.num_replicas_in_sync))
+        eval_index_fn(len(split), EVAL_BATCH * strategy.num_replicas_in_sync))
     sum_ = tf.distribute.ReduceOp.SUM
+
+    def replica_stats(images_labels: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]
+                      ) -> tuple[tf.Tensor, tf.Tensor]:
+        images, labels = gather_batch(*images_labels, batch)
+        return _batch_stats(model(images, training=False), labels)
 
     @tf.function
     def evaluate_all() -> tuple[tf.Tensor, tf.Tensor]:
         loss_sum, confusion = tf.constant(0.0), tf.zeros((NUM_CLASSES, NUM_CLASSES), tf.int64)
-        for images, labels in dataset:
-            loss, matrix = strategy.run(lambda x, y: _batch_stats(model(x, training=False), y), args=(images, labels))
+        for batch in dataset:
+            loss, matrix = strategy.run(replica_stats, args=(resident, batch))
             loss_sum += strategy.reduce(sum_, loss, axis=None)
             confusion += strategy.reduce(sum_, matrix, axis=None)
         return loss_sum, confusion

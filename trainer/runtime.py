@@ -4,7 +4,6 @@ TensorFlow quietly: its start-up chatter is held back unless --verbose (or unles
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import sys
@@ -75,5 +74,4 @@ def load_tensorflow(verbose: bool = False) -> None:
     with _native_stderr_held():
         import tensorflow as tf
 
-        importlib.import_module("tensorflow_datasets")  # its first import loads more native code
         tf.config.list_physical_devices()

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from trainer.config import PRESETS
 from trainer.datasets import idx_dir, read_idx_split, verify
 
 Params = dict[str, Any]
@@ -127,14 +128,16 @@ def throughput(data_dir: str, batch: int, warmup: int, timed: int) -> dict:
 
 
 def accuracy(data_dir: str, seed: int) -> None:
-    """The lenet_bn recipe (Adam 0.01, warm-up 0.1 epoch then cosine decay, batch 64, 1 epoch); prints the
-    test accuracy with the wall time of its evaluation."""
+    """The lenet_bn recipe (the trainer's preset: Adam, linear warm-up then cosine decay, its batch, 1 epoch);
+    prints the test accuracy with the wall time of its evaluation."""
     images, labels = load(data_dir, "train")
     test_images, test_labels = load(data_dir, "test")
-    batch = 64
+    recipe = PRESETS["lenet_bn"]
+    batch = recipe["batch_size"]
     steps = len(labels) // batch
     params, state = lenet_init(jax.random.key(seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, 0.01, steps // 10, steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, recipe["learning_rate"], int(steps * recipe["warmup_epochs"]),
+                                                  steps)
     optimizer = optax.adam(schedule)
     opt_state = optimizer.init(params)
     step = make_step(lenet_apply, optimizer, batch)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer.config import PRESETS
 from trainer.datasets import idx_dir, read_idx_split, verify
 
 
@@ -83,15 +84,16 @@ def throughput(data_dir: str, batch: int, warmup: int, timed: int, compiled: boo
 
 
 def accuracy(data_dir: str, seed: int) -> None:
-    """The lenet_bn recipe (Adam 0.01, warm-up 0.1 epoch then cosine decay, batch 64, 1 epoch); prints the
-    test accuracy with the wall time of its evaluation."""
+    """The lenet_bn recipe (the trainer's preset: Adam, linear warm-up then cosine decay, its batch, 1 epoch);
+    prints the test accuracy with the wall time of its evaluation."""
     torch.manual_seed(seed)
     x, y = load(data_dir, "train", channels_last=True)
     test_x, test_y = load(data_dir, "test", channels_last=True)
     model = lenet_bn().to(memory_format=torch.channels_last)
-    batch, lr = 64, 0.01
+    recipe = PRESETS["lenet_bn"]
+    batch, lr = recipe["batch_size"], recipe["learning_rate"]
     steps = len(y) // batch
-    warmup = steps // 10
+    warmup = int(steps * recipe["warmup_epochs"])
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
                                                  0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))

@@ -83,7 +83,7 @@ def _first(accuracy_seconds: Any) -> float | None:
 def _median(times: list[float | None]) -> float | None:
     """Median seconds over the runs that reached TARGET, or None if fewer than most of them did."""
     reached = [t for t in times if t is not None]
-    return statistics.median(reached) if len(reached) > len(times) // 2 else None
+    return round(statistics.median(reached), 1) if len(reached) > len(times) // 2 else None
 
 
 def run() -> dict[str, Any]:

@@ -28,7 +28,7 @@ GRACE = 10.0
 # A survivor notices within --peer-timeout, the chief commits its saved checkpoint within --grace-seconds,
 # every survivor holds its exit for PEER_LOST_HOLD; the rest is slack for a loaded 2-core machine.
 BOUND = PEER_TIMEOUT + GRACE + PEER_LOST_HOLD + 15.0
-BATCH, EPOCHS = 240, 4  # 250 steps per epoch, divisible by 2 and 3 workers
+BATCH, EPOCHS = 240, 3  # 250 steps per epoch, divisible by 2 and 3 workers
 SIGNALS = {"kill": signal.SIGKILL, "freeze": signal.SIGSTOP, "sigterm": signal.SIGTERM}
 
 

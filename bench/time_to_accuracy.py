@@ -4,10 +4,10 @@ The trainer runs its fastest preset (`lenet_bn`) through `python -m trainer trai
 every run reported); the moment is the wall time of its first test-accuracy TensorBoard event at or above the
 target. Peers (bench/peers.py): the same recipe (read from the preset) ported to PyTorch and to JAX, each in its
 own environment, the same five seeds, each seed's runs interleaved with the trainer's, their clocks started the
-same way, before the process is spawned. The reference (bench/references/keras_io_convnet.py) is the keras.io MNIST convnet recipe as
-published (Conv32-Pool-Conv64-Pool-Dropout-Dense softmax, Adam, batch 128, validation_split 0.1, up to
-15 epochs, TensorFlow's default settings), fed the same MNIST arrays, with a callback that evaluates the
-test set after each epoch and stops at the target.
+same way, before the process is spawned. The reference (bench/references/keras_io_convnet.py) is the keras.io
+MNIST convnet recipe as published (Conv32-Pool-Conv64-Pool-Dropout-Dense softmax, Adam, batch 128,
+validation_split 0.1, up to 15 epochs, TensorFlow's default settings), fed the same MNIST arrays, with a
+callback that evaluates the test set after each epoch and stops at the target.
 Both clocks include their evaluations.
 """
 

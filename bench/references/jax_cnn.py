@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from trainer.config import PRESETS
+from bench.references import lenet_bn_recipe, report_evaluation
 from trainer.datasets import idx_dir, read_idx_split, verify
 
 Params = dict[str, Any]
@@ -132,12 +132,9 @@ def accuracy(data_dir: str, seed: int) -> None:
     prints the test accuracy with the wall time of its evaluation."""
     images, labels = load(data_dir, "train")
     test_images, test_labels = load(data_dir, "test")
-    recipe = PRESETS["lenet_bn"]
-    batch = recipe["batch_size"]
-    steps = len(labels) // batch
+    batch, lr, steps, warmup = lenet_bn_recipe(len(labels))
     params, state = lenet_init(jax.random.key(seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, recipe["learning_rate"], int(steps * recipe["warmup_epochs"]),
-                                                  steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps)
     optimizer = optax.adam(schedule)
     opt_state = optimizer.init(params)
     step = make_step(lenet_apply, optimizer, batch)
@@ -147,7 +144,7 @@ def accuracy(data_dir: str, seed: int) -> None:
     predict = jax.jit(lambda p, s, x: lenet_apply(p, s, x, False)[0].argmax(-1))
     correct = sum(int((predict(params, state, test_images[i:i + 1000]) == test_labels[i:i + 1000]).sum())
                   for i in range(0, len(test_labels), 1000))
-    print(json.dumps({"epoch": 1, "test_accuracy": correct / len(test_labels), "time": time.time()}))
+    report_evaluation(1, correct / len(test_labels))
 
 
 def main() -> None:

@@ -7,15 +7,14 @@ Usage: python -m bench.references.keras_io_convnet TARGET
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from typing import Any
 
 import keras
 import numpy as np
 from keras import layers
 
+from bench.references import report_evaluation
 from trainer.config import DataConfig
 from trainer.datasets import load_split
 
@@ -29,7 +28,7 @@ class TestAccuracy(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         accuracy = self.model.evaluate(self.x, self.y, verbose=0)[1]
-        print(json.dumps({"epoch": epoch + 1, "test_accuracy": accuracy, "time": time.time()}), flush=True)
+        report_evaluation(epoch + 1, accuracy)
         if accuracy >= self.target:
             self.model.stop_training = True
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from trainer.config import PRESETS
+from bench.references import lenet_bn_recipe, report_evaluation
 from trainer.datasets import idx_dir, read_idx_split, verify
 
 
@@ -90,10 +90,7 @@ def accuracy(data_dir: str, seed: int) -> None:
     x, y = load(data_dir, "train", channels_last=True)
     test_x, test_y = load(data_dir, "test", channels_last=True)
     model = lenet_bn().to(memory_format=torch.channels_last)
-    recipe = PRESETS["lenet_bn"]
-    batch, lr = recipe["batch_size"], recipe["learning_rate"]
-    steps = len(y) // batch
-    warmup = int(steps * recipe["warmup_epochs"])
+    batch, lr, steps, warmup = lenet_bn_recipe(len(y))
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / warmup if s < warmup else
                                                  0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
@@ -108,7 +105,7 @@ def accuracy(data_dir: str, seed: int) -> None:
     with torch.no_grad():
         correct = sum(int((model(test_x[i:i + 1000]).argmax(1) == test_y[i:i + 1000]).sum())
                       for i in range(0, len(test_y), 1000))
-    print(json.dumps({"epoch": 1, "test_accuracy": correct / len(test_y), "time": time.time()}))
+    report_evaluation(1, correct / len(test_y))
 
 
 def main() -> None:

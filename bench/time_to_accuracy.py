@@ -126,7 +126,8 @@ def rows(a: dict[str, Any]) -> list[tuple[str, str]]:
         (f"seconds to {a['target']:.1%} test accuracy, trainer",
          f"{ours} s ({PRESET}, median of {len(runs)} seeds, from process start; "
          f"{a['trainer']['seeds_reaching_target']}/{len(runs)} seeds reach it)"),
-        *((f"  {peer} ({PRESET} recipe)", f"{p['seconds_to_target']} s ({a['peer_over_trainer'][peer]} x the trainer's)")
+        *((f"  {peer} ({PRESET} recipe)",
+           f"{p['seconds_to_target']} s ({a['peer_over_trainer'][peer]} x the trainer's time)")
           for peer, p in a.get("peers", {}).items()),
         ("  keras.io convnet recipe (fit)", f"{theirs} s ({a['speedup']} x slower)"),
     ]

@@ -10,6 +10,9 @@ RUN         ?=
 OUTPUT_DIR  ?= runs
 TRAIN_ARGS  ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist; whole files each): much of the suite waits on real processes and timeouts, so two
+# share 2 cores well. TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
 TRIALS      ?=
 ONLY        ?=
 # Container and cluster
@@ -62,7 +65,7 @@ train: install
 	$(PY) -m trainer train $(TRAINER_FLAGS) --output-dir $(OUTPUT_DIR) $(if $(RUN),--run $(RUN))
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Fault trials of one run over its whole life (kill -9 / SIGTERM, resume on empty scratch): the README's figure.
 faults: install

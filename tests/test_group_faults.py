@@ -22,7 +22,7 @@ from trainer.cli import PEER_LOST_HOLD
 from trainer.config import EXIT_INTERRUPTED, EXIT_PEER_LOST
 
 TRIALS = int(os.environ.get("FAULT_TRIALS", "5"))
-SEED = int(os.environ.get("FAULT_SEED", str(random.SystemRandom().randrange(10**6))))
+SEED = int(os.environ["FAULT_SEED"])  # drawn in conftest.py unless given
 PEER_TIMEOUT = 10.0
 GRACE = 10.0
 # A survivor notices within --peer-timeout, the chief commits its saved checkpoint within --grace-seconds,

@@ -165,13 +165,15 @@ class Checkpointing:
 
 
 class Export:
-    """After the last step: the SavedModel with its uint8 serving signature."""
+    """After the last step: the SavedModel with its uint8 serving signature, unless SIGTERM has arrived (an
+    export can outlast the grace period on a loaded node; the re-run of the trained run exports it)."""
 
-    def __init__(self, model: keras.Model, path: str) -> None:
-        self.model, self.path = model, path
+    def __init__(self, model: keras.Model, path: str, stopping: Callable[[], bool]) -> None:
+        self.model, self.path, self.stopping = model, path, stopping
 
     def __call__(self, p: Progress) -> None:
         pass
 
     def finish(self, step: int) -> None:
-        export_model(self.model, self.path)
+        if not self.stopping():
+            export_model(self.model, self.path)

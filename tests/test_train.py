@@ -156,3 +156,23 @@ def test_predict_takes_folders_and_globs_detects_polarity_and_reports_each_bad_f
     assert sum(int(paper[i][1]) == labels[i] for i in range(10)) >= 9  # without the inversion: 2 of 5 wrong
     assert all(paper[i][3] == "colour -> grey, inverted (dark digit on light background), resized 84x84 -> 28x28"
                for i in range(10))
+
+
+def test_the_evaluation_traced_while_training_is_the_one_called_and_evaluates_alike(tmp_path, data_dir, mnist):
+    from trainer import loop
+    from trainer.evaluate import Evaluator
+    from trainer.learner import Learner
+
+    config = cnn_config(str(tmp_path / "runs"), data_dir, model="mlp300")
+    strategy = make_strategy(config.runtime)
+    schedule = loop.Schedule.of(config.run, len(mnist["train"]))
+    learner = Learner(config, strategy, mnist["train"], mnist["test"], schedule, str(tmp_path / "checkpoints"))
+    learner.begin(0)
+    learner.train_steps(20)  # the train step is traced: the evaluation's tracing starts beside the next steps
+    learner.train_steps(20)
+    learner.evaluate._tracer.join()
+    assert learner.evaluate._evaluate_all.experimental_get_tracing_count() == 1  # traced before any call
+    background = learner.evaluate()
+    assert learner.evaluate._evaluate_all.experimental_get_tracing_count() == 1  # the call used that trace
+    foreground = Evaluator(strategy, learner.model, mnist["test"])()
+    assert background == foreground and background["test_examples"] == 10000

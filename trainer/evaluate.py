@@ -3,6 +3,8 @@ strategy, or of an exported serving signature."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Any, Callable
 
 import keras
@@ -44,35 +46,53 @@ PROBABILITY_FLOOR = 1e-12  # log(probability) of an exported model's outputs sta
 EVAL_BATCH = 500  # examples per replica and call: evaluation needs no gradients, so large batches, few calls
 
 
-def make_evaluator(strategy: tf.distribute.Strategy, model: keras.Model, split: Split) -> Callable[[], dict[str, Any]]:
-    """A function evaluating the live model on every example of `split`, each replica taking a share
-    of each batch; the whole pass is one tf.function call, traced once."""
-    # As in training, the split stays on the devices and batches of indices are fed: a dataset holding the
-    # images would put them into the graphs as constants, which costs about a second at the first call.
-    resident = resident_split(strategy, split)
-    dataset = strategy.distribute_datasets_from_function(
-        eval_index_fn(len(split), EVAL_BATCH * strategy.num_replicas_in_sync))
-    sum_ = tf.distribute.ReduceOp.SUM
+class Evaluator:
+    """Evaluates the live model on every example of a split, each replica taking a share of each batch; the
+    whole pass is one tf.function call, traced once (`trace_in_background` can do that while training runs)."""
 
-    def replica_stats(images_labels: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]
-                      ) -> tuple[tf.Tensor, tf.Tensor]:
-        images, labels = gather_batch(*images_labels, batch)
-        return _batch_stats(model(images, training=False), labels)
+    def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, split: Split) -> None:
+        # As in training, the split stays on the devices and batches of indices are fed: a dataset holding the
+        # images would put them into the graphs as constants, which costs about a second at the first call.
+        resident = resident_split(strategy, split)
+        dataset = strategy.distribute_datasets_from_function(
+            eval_index_fn(len(split), EVAL_BATCH * strategy.num_replicas_in_sync))
+        sum_ = tf.distribute.ReduceOp.SUM
 
-    @tf.function
-    def evaluate_all() -> tuple[tf.Tensor, tf.Tensor]:
-        loss_sum, confusion = tf.constant(0.0), tf.zeros((NUM_CLASSES, NUM_CLASSES), tf.int64)
-        for batch in dataset:
-            loss, matrix = strategy.run(replica_stats, args=(resident, batch))
-            loss_sum += strategy.reduce(sum_, loss, axis=None)
-            confusion += strategy.reduce(sum_, matrix, axis=None)
-        return loss_sum, confusion
+        def replica_stats(images_labels: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]
+                          ) -> tuple[tf.Tensor, tf.Tensor]:
+            images, labels = gather_batch(*images_labels, batch)
+            return _batch_stats(model(images, training=False), labels)
 
-    def evaluate() -> dict[str, Any]:
-        loss_sum, confusion = evaluate_all()
+        @tf.function
+        def evaluate_all() -> tuple[tf.Tensor, tf.Tensor]:
+            loss_sum, confusion = tf.constant(0.0), tf.zeros((NUM_CLASSES, NUM_CLASSES), tf.int64)
+            for batch in dataset:
+                loss, matrix = strategy.run(replica_stats, args=(resident, batch))
+                loss_sum += strategy.reduce(sum_, loss, axis=None)
+                confusion += strategy.reduce(sum_, matrix, axis=None)
+            return loss_sum, confusion
+
+        self._evaluate_all = evaluate_all
+        self._tracer: threading.Thread | None = None
+
+    def trace_in_background(self) -> None:
+        """Trace the pass in a thread (about half a second of Python that would otherwise delay the first
+        evaluation): it overlaps the training steps, which run in TensorFlow's own threads. Only tracing, no op
+        runs: the pass's collectives never race the training step's."""
+        if self._tracer is None:
+            # A failure here is left to the first call, which traces again and reports it.
+            self._tracer = threading.Thread(target=self._trace, name="trace-evaluation", daemon=True)
+            self._tracer.start()
+
+    def _trace(self) -> None:
+        with contextlib.suppress(Exception):
+            self._evaluate_all.get_concrete_function()
+
+    def __call__(self) -> dict[str, Any]:
+        if self._tracer is not None:
+            self._tracer.join()
+        loss_sum, confusion = self._evaluate_all()
         return summarize(confusion.numpy(), float(loss_sum))
-
-    return evaluate
 
 
 def evaluate_serving(serve: Callable[..., dict[str, tf.Tensor]], split: Split,

@@ -14,7 +14,7 @@ from trainer import input_pipeline
 from trainer.checkpoints import Checkpoints
 from trainer.config import Config
 from trainer.datasets import Split
-from trainer.evaluate import make_evaluator
+from trainer.evaluate import Evaluator
 from trainer.loop import Schedule
 from trainer.models import build_model
 from trainer.optimizers import build_optimizer
@@ -33,7 +33,7 @@ class Learner:
                                              loss_scaling=config.runtime.precision == "mixed_float16")
             self.optimizer.build(self.model.trainable_variables)
         self.checkpoints = Checkpoints(checkpoint_dir, self.model, self.optimizer)
-        self.evaluate = make_evaluator(strategy, self.model, test)
+        self.evaluate = Evaluator(strategy, self.model, test)
         self._resident = input_pipeline.resident_split(strategy, train)
         self._steps = make_train_steps(strategy, self.model, self.optimizer, config.run.batch_size, self._resident,
                                        config.runtime.jit_compile)
@@ -51,6 +51,10 @@ class Learner:
     def train_steps(self, steps: int) -> tuple[float, float]:
         """Run `steps` synchronous steps; return the summed loss and the correct count over their examples."""
         loss_sum, correct = self._steps(self._iterator, tf.constant(steps))
+        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            # The train step is traced now; on several workers, every worker must trace its collectives in the
+            # same order, which a thread cannot promise.
+            self.evaluate.trace_in_background()
         return float(loss_sum), float(correct)
 
     @property

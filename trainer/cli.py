@@ -89,13 +89,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "analyze": cmd_analyze,
                 "data": cmd_data}[args.command](args)
     except TrainerError as error:
-        fail(str(error), error.exit_code)
+        _fail(str(error), error.exit_code)
     except Exception as error:
         if not disk_full(error):
             raise
         path = getattr(error, "filename", None) or (re.findall(r"(?:^|\s)(/[^\s;:]+)", str(error)) or ["?"])[0]
-        fail(f"no space left on the disk of {path}: free space or give --scratch-dir a larger disk (the store "
-             "keeps what was shipped; a re-run resumes from it)", EXIT_STORE)
+        _fail(f"no space left on the disk of {path}: free space or give --scratch-dir a larger disk (the store "
+              "keeps what was shipped; a re-run resumes from it)", EXIT_STORE)
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    """The one `error:` line and exit. Everything is written and closed by then; once TensorFlow is loaded, the
+    interpreter's teardown takes a second or more on a loaded node, which would count against a SIGTERM's grace
+    period, so the process ends at once."""
+    fail(message, code, now="tensorflow" in sys.modules)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -77,9 +77,12 @@ class Parser(argparse.ArgumentParser):
         fail(f"{self.prog}: {message}")
 
 
-def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
-    """Print one `error:` line to stderr and exit with `code`."""
+def fail(message: str, code: int = EXIT_USAGE, now: bool = False) -> NoReturn:
+    """Print one `error:` line to stderr and exit with `code` (`now`: without the interpreter's teardown)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
+    if now:
+        sys.stdout.flush()
+        os._exit(code)
     sys.exit(code)
 
 

@@ -81,7 +81,9 @@ class Evaluator:
         runs: the pass's collectives never race the training step's."""
         if self._tracer is None:
             # A failure here is left to the first call, which traces again and reports it.
-            self._tracer = threading.Thread(target=self._trace, name="trace-evaluation", daemon=True)
+            # Not a daemon: the interpreter's exit waits for it (a daemon thread still in TensorFlow's C++ code
+            # at exit aborts the process).
+            self._tracer = threading.Thread(target=self._trace, name="trace-evaluation")
             self._tracer.start()
 
     def _trace(self) -> None:

@@ -27,16 +27,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # workers inherit this environment, and every worker must draw the same parametrized trials.
 for _seed in ("FAULT_SEED", "RUN_FAULT_SEED"):
     os.environ.setdefault(_seed, str(random.SystemRandom().randrange(10**6)))
-# `make test` hands whole files to its two processes in collection order: the longest first (as measured), so the
-# run does not end with one process alone on a long file.
-LONGEST_FIRST = ("test_group_faults.py", "test_storage.py", "test_cli.py", "test_fault_trials.py", "test_analysis.py",
-                 "test_lease.py", "test_train.py", "test_image.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Longest files first (a stable sort: each file's tests stay together and in order)."""
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 @pytest.fixture(scope="session")

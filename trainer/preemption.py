@@ -87,10 +87,14 @@ class Preemption:
         self.stop, self.agree, self.checkpointing, self.shipper = stop, agree, checkpointing, shipper
         self.grace, self.local_root = grace, local_root
 
+    def requested_anywhere(self) -> bool:
+        """True if SIGTERM has reached any worker (every worker gets the same answer)."""
+        return self.agree(self.stop.requested)
+
     def __call__(self, p: Progress) -> None:
         if self.shipper is not None and self.shipper.lost is not None:
             raise self.shipper.lost  # another trainer writes the run now: nothing of ours may reach it
-        if not self.agree(self.stop.requested):
+        if not self.requested_anywhere():
             return
         if self.checkpointing.saved_step != p.step:
             self.checkpointing.save(p.step, p.epoch)
@@ -98,7 +102,7 @@ class Preemption:
 
     def finish(self, step: int) -> None:
         # After the final evaluation and export: the last step's checkpoint is saved (an epoch's end).
-        if self.agree(self.stop.requested):
+        if self.requested_anywhere():
             self.stop_at(step)
 
     def limit(self) -> float:

@@ -115,11 +115,11 @@ def _train(run: TrainingRun, learner: Learner, schedule: loop.Schedule, start_st
                                         run.record_history if chief else None)
         checkpointing = actions.Checkpointing(learner.checkpoints, config.run.checkpoint_every, shipper,
                                               lambda: (train_writer.flush(), test_writer.flush()))
-        agree = lambda flag: any_worker(learner.strategy, flag)  # noqa: E731  every worker decides alike
-        preemption = Preemption(stop, agree, checkpointing, shipper, config.run.grace_seconds, run.local.root)
+        preemption = Preemption(stop, lambda flag: any_worker(learner.strategy, flag), checkpointing, shipper,
+                                config.run.grace_seconds, run.local.root)
         # Export before preemption: a SIGTERM during the final evaluation stops after it (skipping the export),
         # one during the export after it.
-        export = actions.Export(learner.model, run.local.model, lambda: agree(stop.requested))
+        export = actions.Export(learner.model, run.local.model, preemption.requested_anywhere)
         loop.run(learner.train_steps, schedule, start_step,
                  [summaries, evaluation, checkpointing, export, preemption])
     finally:

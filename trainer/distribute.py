@@ -93,9 +93,14 @@ def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[in
     return ", ".join(f"worker {i} ({workers[i]})" for i in lost) or "a peer"
 
 
+def multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """True for a strategy over several worker processes (MultiWorkerMirroredStrategy)."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
 def cluster_of(strategy: tf.distribute.Strategy) -> dict[str, Any] | None:
     """The TF_CONFIG-shaped cluster of a multi-worker strategy; None on a single node."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if not multi_worker(strategy):
         return None
     resolver = strategy.cluster_resolver
     return {"cluster": {"worker": resolver.cluster_spec().as_dict()["worker"]},
@@ -124,7 +129,7 @@ def peer_failures(cluster: Mapping[str, Any] | None, what: str = "",
 
 def same_on_all_workers(strategy: tf.distribute.Strategy, value: int) -> bool:
     """True if every worker holds the same `value` (one decision, taken identically everywhere)."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if not multi_worker(strategy):
         return True
     local = tf.constant([float(value), float(value) ** 2, 1.0], tf.float64)
     total, squares, workers = (float(x) for x in _all_sum(strategy, local).numpy())
@@ -173,7 +178,7 @@ def _mirrored(devices: tuple[str, ...] | None) -> tf.distribute.MirroredStrategy
 
 def any_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
     """True if `flag` is true on any worker, so that all workers take the same branch (e.g. stop)."""
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if not multi_worker(strategy):
         return flag
     local = tf.constant(1 if flag else 0)
     agreed = _all_sum(strategy, local)
@@ -188,6 +193,6 @@ def _all_sum(strategy: tf.distribute.Strategy, value: tf.Tensor) -> tf.Tensor:
 
 def describe(strategy: tf.distribute.Strategy) -> str:
     """Short name such as 'MirroredStrategy' or 'MultiWorkerMirroredStrategy'."""
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+    if multi_worker(strategy):
         return "MultiWorkerMirroredStrategy"  # the class itself is called CollectiveAllReduceStrategy
     return type(strategy).__name__

@@ -14,6 +14,7 @@ from trainer import input_pipeline
 from trainer.checkpoints import Checkpoints
 from trainer.config import Config
 from trainer.datasets import Split
+from trainer.distribute import multi_worker
 from trainer.evaluate import Evaluator
 from trainer.loop import Schedule
 from trainer.models import build_model
@@ -51,7 +52,7 @@ class Learner:
     def train_steps(self, steps: int) -> tuple[float, float]:
         """Run `steps` synchronous steps; return the summed loss and the correct count over their examples."""
         loss_sum, correct = self._steps(self._iterator, tf.constant(steps))
-        if not isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        if not multi_worker(self.strategy):
             # The train step is traced now; on several workers, every worker must trace its collectives in the
             # same order, which a thread cannot promise.
             self.evaluate.trace_in_background()

@@ -144,6 +144,15 @@ def test_refusals_that_need_no_tensorflow_answer_before_it_loads(tmp_path, argv,
     assert sorted(os.listdir(runs)) == ["mlp"]  # nothing left behind
 
 
+def test_loading_tensorflow_skips_matplotlib_which_the_analyses_still_import():
+    # Keras would import pyplot at start-up (~0.8 s of every run) for a helper the trainer never calls.
+    code = ("import sys\nfrom trainer.runtime import load_tensorflow\nload_tensorflow()\nimport trainer.train\n"
+            "print('matplotlib' in sys.modules)\nfrom trainer import analysis\n"
+            "print(analysis.plt.figure().dpi > 0, 'matplotlib' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.stdout == "False\nTrue True\n", result.stdout + result.stderr
+
+
 def _small_run(data_dir: str) -> list[str]:
     return ["train", "--model", "mlp300", "--epochs", "1", "--checkpoint-every", "200", "--data-dir", data_dir,
             "--grace-seconds", "10"]

@@ -158,7 +158,7 @@ def test_predict_takes_folders_and_globs_detects_polarity_and_reports_each_bad_f
                for i in range(10))
 
 
-def test_the_evaluation_traced_while_training_is_the_one_called_and_evaluates_alike(tmp_path, data_dir, mnist):
+def test_the_evaluation_warmed_up_while_training_is_the_one_called_and_evaluates_alike(tmp_path, data_dir, mnist):
     from trainer import loop
     from trainer.evaluate import Evaluator
     from trainer.learner import Learner
@@ -168,9 +168,9 @@ def test_the_evaluation_traced_while_training_is_the_one_called_and_evaluates_al
     schedule = loop.Schedule.of(config.run, len(mnist["train"]))
     learner = Learner(config, strategy, mnist["train"], mnist["test"], schedule, str(tmp_path / "checkpoints"))
     learner.begin(0)
-    learner.train_steps(20)  # the train step is traced: the evaluation's tracing starts beside the next steps
+    learner.train_steps(20)  # the train step is traced: the evaluation's warm-up starts beside the next steps
     learner.train_steps(20)
-    learner.evaluate._tracer.join()
+    learner.evaluate._warmer.join()
     assert learner.evaluate._evaluate_all.experimental_get_tracing_count() == 1  # traced before any call
     background = learner.evaluate()
     assert learner.evaluate._evaluate_all.experimental_get_tracing_count() == 1  # the call used that trace

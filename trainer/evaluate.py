@@ -48,14 +48,17 @@ EVAL_BATCH = 500  # examples per replica and call: evaluation needs no gradients
 
 class Evaluator:
     """Evaluates the live model on every example of a split, each replica taking a share of each batch; the
-    whole pass is one tf.function call, traced once (`trace_in_background` can do that while training runs)."""
+    whole pass is one tf.function call, traced and set up once (`warm_up_in_background` can do that while
+    training runs)."""
 
     def __init__(self, strategy: tf.distribute.Strategy, model: keras.Model, split: Split) -> None:
         # As in training, the split stays on the devices and batches of indices are fed: a dataset holding the
         # images would put them into the graphs as constants, which costs about a second at the first call.
         resident = resident_split(strategy, split)
-        dataset = strategy.distribute_datasets_from_function(
-            eval_index_fn(len(split), EVAL_BATCH * strategy.num_replicas_in_sync))
+        batch = EVAL_BATCH * strategy.num_replicas_in_sync
+        self._dataset = strategy.distribute_datasets_from_function(eval_index_fn(len(split), batch))
+        # The same element spec, so the same traced function, with no batch in it: see _warm_up.
+        self._no_batches = strategy.distribute_datasets_from_function(eval_index_fn(0, batch))
         sum_ = tf.distribute.ReduceOp.SUM
 
         def replica_stats(images_labels: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]
@@ -64,7 +67,7 @@ class Evaluator:
             return _batch_stats(model(images, training=False), labels)
 
         @tf.function
-        def evaluate_all() -> tuple[tf.Tensor, tf.Tensor]:
+        def evaluate_all(dataset: Any) -> tuple[tf.Tensor, tf.Tensor]:
             loss_sum, confusion = tf.constant(0.0), tf.zeros((NUM_CLASSES, NUM_CLASSES), tf.int64)
             for batch in dataset:
                 loss, matrix = strategy.run(replica_stats, args=(resident, batch))
@@ -73,27 +76,29 @@ class Evaluator:
             return loss_sum, confusion
 
         self._evaluate_all = evaluate_all
-        self._tracer: threading.Thread | None = None
+        self._warmer: threading.Thread | None = None
 
-    def trace_in_background(self) -> None:
-        """Trace the pass in a thread (about half a second of Python that would otherwise delay the first
-        evaluation): it overlaps the training steps, which run in TensorFlow's own threads. Only tracing, no op
-        runs: the pass's collectives never race the training step's."""
-        if self._tracer is None:
-            # A failure here is left to the first call, which traces again and reports it.
+    def warm_up_in_background(self) -> None:
+        """Trace and set up the pass in a thread (about a second that would otherwise delay the first evaluation):
+        it overlaps the training steps, which run in TensorFlow's own threads."""
+        if self._warmer is None:
             # Not a daemon: the interpreter's exit waits for it (a daemon thread still in TensorFlow's C++ code
             # at exit aborts the process).
-            self._tracer = threading.Thread(target=self._trace, name="trace-evaluation")
-            self._tracer.start()
+            self._warmer = threading.Thread(target=self._warm_up, name="warm-up-evaluation")
+            self._warmer.start()
 
-    def _trace(self) -> None:
+    def _warm_up(self) -> None:
+        # Tracing is half of the first call's cost; TensorFlow optimizing and instantiating the graph at its first
+        # run is the other half. A run over no batches does both and runs no op of the loop's body: no model
+        # op competes with the training step, and no collective races its collectives.
+        # A failure here is left to the first real call, which traces again and reports it.
         with contextlib.suppress(Exception):
-            self._evaluate_all.get_concrete_function()
+            self._evaluate_all(self._no_batches)
 
     def __call__(self) -> dict[str, Any]:
-        if self._tracer is not None:
-            self._tracer.join()
-        loss_sum, confusion = self._evaluate_all()
+        if self._warmer is not None:
+            self._warmer.join()
+        loss_sum, confusion = self._evaluate_all(self._dataset)
         return summarize(confusion.numpy(), float(loss_sum))
 
 

@@ -55,7 +55,7 @@ class Learner:
         if not multi_worker(self.strategy):
             # The train step is traced now; on several workers, every worker must trace its collectives in the
             # same order, which a thread cannot promise.
-            self.evaluate.trace_in_background()
+            self.evaluate.warm_up_in_background()
         return float(loss_sum), float(correct)
 
     @property

@@ -92,13 +92,18 @@ def make_train_steps(strategy: tf.distribute.Strategy, model: keras.Model, optim
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss_sum, correct
 
-    @tf.function
+    # The loop is written out, without AutoGraph: nothing here branches on tensors, and AutoGraph's rewrite of
+    # this code took ~0.2 s of the first call, on the way to the first step.
+    @tf.function(autograph=False)
     def train_steps(iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        loss_sum, correct = tf.constant(0.0), tf.constant(0.0)
-        for _ in tf.range(steps):
+        def one_step(step: tf.Tensor, loss_sum: tf.Tensor, correct: tf.Tensor
+                     ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
             loss, right = strategy.run(replica_step, args=(resident, next(iterator)))
-            loss_sum += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-            correct += strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None)
+            return (step + 1, loss_sum + strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
+                    correct + strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None))
+
+        _, loss_sum, correct = tf.while_loop(lambda step, *_: step < steps, one_step,
+                                             (tf.constant(0), tf.constant(0.0), tf.constant(0.0)))
         return loss_sum, correct
 
     return train_steps

@@ -34,7 +34,7 @@ def _train(mnist: dict, model_name: str, precision: str, jit_compile: bool, opti
     dataset = strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(len(split), BATCH, 1, seed=0))
     train_steps = make_train_steps(strategy, model, optimizer_, BATCH, input_pipeline.resident_split(strategy, split),
                                    jit_compile)
-    loss_sum, correct = train_steps(iter(dataset), tf.constant(steps))
+    loss_sum, correct, _ = train_steps(iter(dataset), tf.constant(steps))
     return model, optimizer_, float(loss_sum), float(correct) / (steps * BATCH)
 
 

@@ -163,13 +163,16 @@ def test_the_evaluation_warmed_up_while_training_is_the_one_called_and_evaluates
     from trainer.evaluate import Evaluator
     from trainer.learner import Learner
 
-    config = cnn_config(str(tmp_path / "runs"), data_dir, model="mlp300")
+    config = cnn_config(str(tmp_path / "runs"), data_dir, model="mlp300", schedule="cosine", warmup_epochs=0.1)
     strategy = make_strategy(config.runtime)
     schedule = loop.Schedule.of(config.run, len(mnist["train"]))
     learner = Learner(config, strategy, mnist["train"], mnist["test"], schedule, str(tmp_path / "checkpoints"))
     learner.begin(0)
     learner.train_steps(20)  # the train step is traced: the evaluation's warm-up starts beside the next steps
+    rate_after_20 = learner.learning_rate
     learner.train_steps(20)
+    # The rate the steps returned is the schedule's at the step the optimizer has reached.
+    assert learner.learning_rate == float(learner.optimizer.learning_rate) != rate_after_20
     learner.evaluate._warmer.join()
     assert learner.evaluate._evaluate_all.experimental_get_tracing_count() == 1  # traced before any call
     background = learner.evaluate()

@@ -66,14 +66,14 @@ class Evaluator:
             images, labels = gather_batch(*images_labels, batch)
             return _batch_stats(model(images, training=False), labels)
 
-        @tf.function
+        def add_batch(totals: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+            loss, matrix = strategy.run(replica_stats, args=(resident, batch))
+            return totals[0] + strategy.reduce(sum_, loss, axis=None), totals[1] + strategy.reduce(sum_, matrix, axis=None)
+
+        # No AutoGraph (as for the train steps): the dataset's own reduce is the loop.
+        @tf.function(autograph=False)
         def evaluate_all(dataset: Any) -> tuple[tf.Tensor, tf.Tensor]:
-            loss_sum, confusion = tf.constant(0.0), tf.zeros((NUM_CLASSES, NUM_CLASSES), tf.int64)
-            for batch in dataset:
-                loss, matrix = strategy.run(replica_stats, args=(resident, batch))
-                loss_sum += strategy.reduce(sum_, loss, axis=None)
-                confusion += strategy.reduce(sum_, matrix, axis=None)
-            return loss_sum, confusion
+            return dataset.reduce((tf.constant(0.0), tf.zeros((NUM_CLASSES, NUM_CLASSES), tf.int64)), add_batch)
 
         self._evaluate_all = evaluate_all
         self._warmer: threading.Thread | None = None

@@ -66,9 +66,11 @@ class Evaluator:
             images, labels = gather_batch(*images_labels, batch)
             return _batch_stats(model(images, training=False), labels)
 
-        def add_batch(totals: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+        def add_batch(totals: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]
+                      ) -> tuple[tf.Tensor, tf.Tensor]:
             loss, matrix = strategy.run(replica_stats, args=(resident, batch))
-            return totals[0] + strategy.reduce(sum_, loss, axis=None), totals[1] + strategy.reduce(sum_, matrix, axis=None)
+            return (totals[0] + strategy.reduce(sum_, loss, axis=None),
+                    totals[1] + strategy.reduce(sum_, matrix, axis=None))
 
         # No AutoGraph (as for the train steps): the dataset's own reduce is the loop.
         @tf.function(autograph=False)

@@ -56,9 +56,9 @@ class Evaluator:
         # images would put them into the graphs as constants, which costs about a second at the first call.
         resident = resident_split(strategy, split)
         batch = EVAL_BATCH * strategy.num_replicas_in_sync
-        self._dataset = strategy.distribute_datasets_from_function(eval_index_fn(len(split), batch))
-        # The same element spec, so the same traced function, with no batch in it: see _warm_up.
-        self._no_batches = strategy.distribute_datasets_from_function(eval_index_fn(0, batch))
+        # Index datasets of `n` examples all have one element spec, so they share one traced pass (see _warm_up).
+        self._indices = lambda n: strategy.distribute_datasets_from_function(eval_index_fn(n, batch))
+        self._dataset = self._indices(len(split))
         sum_ = tf.distribute.ReduceOp.SUM
 
         def replica_stats(images_labels: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]
@@ -95,7 +95,7 @@ class Evaluator:
         # op competes with the training step, and no collective races its collectives.
         # A failure here is left to the first real call, which traces again and reports it.
         with contextlib.suppress(Exception):
-            self._evaluate_all(self._no_batches)
+            self._evaluate_all(self._indices(0))
 
     def __call__(self) -> dict[str, Any]:
         if self._warmer is not None:

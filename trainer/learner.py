@@ -61,9 +61,9 @@ class Learner:
 
     @property
     def learning_rate(self) -> float:
-        """The optimizer's current learning rate (as the last chunk of steps left it: no op runs for it)."""
+        """The optimizer's current learning rate (after a chunk of steps, the one it returned: no op runs for it)."""
         if self._learning_rate is None:
-            self._learning_rate = tf.convert_to_tensor(self.optimizer.learning_rate)
+            return float(tf.convert_to_tensor(self.optimizer.learning_rate))
         return float(self._learning_rate)
 
 

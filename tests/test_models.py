@@ -1,4 +1,5 @@
-"""Model registry: parameter counts of the reference architectures; ReLU after max-pool changes nothing."""
+"""Model registry: parameter counts of the reference architectures; ReLU after max-pool changes nothing; the fused
+batch norm computes what Keras's does."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.models import MODELS, build_model
+from trainer.models import MODELS, FusedBatchNormalization, build_model
 
 
 @pytest.mark.parametrize("name, parameters", [
@@ -51,3 +52,24 @@ def test_pooling_before_relu_gives_the_same_logits_and_gradients(name, mnist):
         results.append([logits, *tape.gradient(loss, model.trainable_variables)])
     for ours, textbook in zip(*results):
         np.testing.assert_allclose(ours.numpy(), textbook.numpy(), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", [(16, 6, 6, 5), (32, 5)])
+def test_fused_batch_norm_trains_and_infers_as_keras_batch_norm(shape):
+    """Outputs, gradients (inputs, scale, offset) and moving statistics of a training pass, then inference; the
+    2-D case (convnet_bn's dense layer) takes Keras's own path."""
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(2.0, 3.0, shape).astype("float32"))
+    upstream = tf.constant(rng.normal(size=shape).astype("float32"))
+    results = []
+    for layer in (keras.layers.BatchNormalization(), FusedBatchNormalization()):
+        layer.build(x.shape)
+        layer.gamma.assign(np.linspace(0.5, 1.5, shape[-1]).astype("float32"))
+        layer.beta.assign(np.linspace(-1.0, 1.0, shape[-1]).astype("float32"))
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) * upstream)
+        results.append([layer(x, training=True), *tape.gradient(loss, [x, layer.gamma, layer.beta]),
+                        layer.moving_mean, layer.moving_variance, layer(x, training=False)])
+    for keras_value, fused_value in zip(*results):
+        np.testing.assert_allclose(np.asarray(fused_value), np.asarray(keras_value), rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Callable
 
 import keras
+import tensorflow as tf
 from keras import layers
 
 from trainer.datasets import IMAGE_SHAPE, NUM_CLASSES
@@ -19,6 +20,29 @@ def _inputs() -> tuple[keras.KerasTensor, keras.KerasTensor]:
 def _logits(x: keras.KerasTensor) -> keras.KerasTensor:
     # float32 even under a mixed-precision policy: the softmax cross-entropy needs the range.
     return layers.Dense(NUM_CLASSES, dtype="float32", name="logits")(x)
+
+
+class FusedBatchNormalization(layers.BatchNormalization):
+    """Keras's BatchNormalization (same variables, checkpoints and inference) whose training pass on NHWC maps
+    runs TensorFlow's fused kernel: Keras computes the batch moments and the normalisation with ~15 separate
+    ops (and as many in the gradient), ~12% of a lenet_bn training step on a 2-core CPU (make bench)."""
+
+    def call(self, inputs: tf.Tensor, training: bool | None = None, mask: tf.Tensor | None = None) -> tf.Tensor:
+        """Normalise by the batch's moments and update the moving ones when training; else Keras's own pass."""
+        if not (training and self.trainable) or mask is not None or len(inputs.shape) != 4 \
+                or self.axis not in (-1, 3) or self.synchronized or self.renorm:
+            return super().call(inputs, training=training, mask=mask)
+        ones, zeros = tf.ones_like(self.moving_mean), tf.zeros_like(self.moving_mean)
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=tf.cast(inputs, "float32"), scale=self.gamma if self.scale else ones,
+            offset=self.beta if self.center else zeros, mean=tf.zeros([0]), variance=tf.zeros([0]),
+            epsilon=self.epsilon, data_format="NHWC", is_training=True)
+        # The kernel returns the unbiased batch variance for the moving average; Keras averages the biased one.
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
+        variance = variance * (count - 1.0) / count
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return tf.cast(outputs, self.compute_dtype)
 
 
 def _dense_stack(name: str, widths: tuple[int, ...]) -> keras.Model:
@@ -60,7 +84,7 @@ def cnn() -> keras.Model:
 def _conv_bn_block(x: keras.KerasTensor, block: int, filters: int, size: int, padding: str) -> keras.KerasTensor:
     """Conv (no bias: batch norm re-centres) -> batch norm -> ReLU, 2x2 max-pool, named conv{block}..."""
     x = layers.Conv2D(filters, size, padding=padding, use_bias=False, name=f"conv{block}")(x)
-    x = layers.BatchNormalization(name=f"conv{block}_bn")(x)
+    x = FusedBatchNormalization(name=f"conv{block}_bn")(x)
     return _pooled_relu(x, block)
 
 

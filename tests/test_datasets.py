@@ -97,3 +97,44 @@ def test_auto_source_asks_tfds_only_where_it_may_have_prepared_the_dataset(data_
     shutil.copytree(data_dir, tmp_path / "data")
     os.makedirs(tmp_path / "data" / "mnist" / "3.0.1")
     assert resolve(str(tmp_path / "data")) == "idx True"
+
+
+def _copy_idx(data_dir: str, to: str) -> str:
+    """A data dir of its own holding the real MNIST IDX files; returns its IDX folder."""
+    folder = datasets.idx_dir(to, "mnist")
+    shutil.copytree(datasets.idx_dir(data_dir, "mnist"), folder)
+    return folder
+
+
+def test_splits_read_ahead_are_the_ones_load_split_returns_and_files_changed_since_are_read_again(
+        data_dir, tmp_path):
+    folder = _copy_idx(data_dir, str(tmp_path))
+    config = DataConfig(dataset="mnist", data_dir=str(tmp_path), data_source="auto")
+    direct = {split: load_split(config, split) for split in datasets.SPLITS}
+    datasets.read_ahead(config)
+    assert len(datasets._reading) == 2
+    for split in datasets.SPLITS:
+        ahead = load_split(config, split)
+        np.testing.assert_array_equal(ahead.images, direct[split].images)
+        np.testing.assert_array_equal(ahead.labels, direct[split].labels)
+        assert ahead.source == "idx"
+    assert not datasets._reading  # each read taken once
+    # A file replaced after its read began (here: truncated) is read again, and its damage reported.
+    datasets.read_ahead(config, ("test",))
+    images = os.path.join(folder, "t10k-images-idx3-ubyte.gz")
+    original = open(images, "rb").read()
+    os.remove(images)
+    with open(images, "wb") as f:
+        f.write(original[:5000])
+    with pytest.raises(DataError, match="corrupt data file"):
+        load_split(config, "test")
+    datasets._reading.clear()  # the stale read is never used
+
+
+def test_no_read_ahead_where_load_split_would_ask_tfds_or_import_a_copy(data_dir, tmp_path):
+    _copy_idx(data_dir, str(tmp_path / "tfds"))
+    os.makedirs(tmp_path / "tfds" / "mnist")  # TFDS may hold it: resolving the source needs TensorFlow
+    datasets.read_ahead(DataConfig(dataset="mnist", data_dir=str(tmp_path / "tfds"), data_source="auto"))
+    datasets.read_ahead(DataConfig(dataset="mnist", data_dir=str(tmp_path / "none"), data_source="auto"))
+    datasets.read_ahead(DataConfig(dataset="mnist", data_dir=str(tmp_path / "tfds"), data_source="tfds"))
+    assert not datasets._reading

@@ -111,6 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
     run = run_dir.open_for_training(config_from_args(args), this_task(), given_flags(args), _warn, stop.check)
     stop.check("while opening the run")
+    from trainer.datasets import read_ahead
+
+    read_ahead(run.config.data)
     load_tensorflow(args.verbose)
     from trainer.distribute import PeerLost, make_strategy
     from trainer.train import train_and_evaluate
@@ -154,8 +157,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     config = run.config(args.data_dir)
     if not run.folder.has_model():
         raise ConfigError(f"{run.store.url} has no exported {run_dir.MODEL}/ (did training finish?)")
+    from trainer.datasets import load_split, read_ahead
+
+    read_ahead(config.data, ("test",))
     load_tensorflow(args.verbose)
-    from trainer.datasets import load_split
     from trainer.evaluate import evaluate_serving
     from trainer.export import load_serving
 

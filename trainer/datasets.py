@@ -12,12 +12,14 @@ imported only when TFDS is asked.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import gzip
 import importlib.util
 import os
 import pickle
 import struct
+import zlib
 
 import numpy as np
 
@@ -48,6 +50,11 @@ class DataError(ConfigError):
     """Missing, corrupt or unverifiable data (exit code 2)."""
 
 
+# Splits being read ahead (read_ahead), by IDX folder, split and the files' sizes and times; load_split takes
+# each one once, if the files are still the ones being read.
+_reading: dict[tuple[str, str, tuple[int, ...]], concurrent.futures.Future] = {}
+
+
 @dataclasses.dataclass(frozen=True)
 class Split:
     """One split in memory: images uint8 [N, 28, 28, 1], labels int64 [N]."""
@@ -74,18 +81,37 @@ def load_split(config: DataConfig, split: str) -> Split:
         if not idx_complete(folder):
             raise DataError(f"missing data files in {folder} (import them with `python -m trainer data "
                             f"--dataset {config.dataset} --data-dir {config.data_dir}`)")
-        images, labels = read_idx_split(folder, split)
+        ahead = _reading.pop((folder, split, _stat(folder, split)), None)
+        images, labels = ahead.result() if ahead else read_idx_split(folder, split)
     else:
         images, labels = _load_tfds(config.dataset, data_dir, split)
     verify(config.dataset, split, images, labels)
     return Split(images=images, labels=labels, source=source)
 
 
+def read_ahead(config: DataConfig, splits: tuple[str, ...] = SPLITS) -> None:
+    """Start reading the splits' IDX files in a thread, for load_split to take later (e.g. while TensorFlow is
+    imported: decompressing the files releases the interpreter's lock, so the read costs no time on a second
+    core). Only where load_split will read IDX files without asking TFDS (which needs TensorFlow)."""
+    data_dir = os.path.expanduser(config.data_dir)
+    folder = idx_dir(data_dir, config.dataset)
+    auto_idx = config.data_source == "auto" and not _tfds_may_hold(config.dataset, data_dir)
+    if not (config.data_source == "idx" or auto_idx) or not idx_complete(folder):
+        return
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+    for split in splits:
+        _reading[(folder, split, _stat(folder, split))] = reader.submit(read_idx_split, folder, split)
+    reader.shutdown(wait=False)
+
+
+def _stat(folder: str, split: str) -> tuple[int, ...]:
+    stats = [os.stat(os.path.join(folder, name)) for name in IDX_FILES[split]]
+    return tuple(n for st in stats for n in (st.st_ino, st.st_size, st.st_mtime_ns))
+
+
 def resolve_source(dataset: str, data_dir: str) -> str:
     """Where `--data-source auto` reads from: 'tfds', 'idx', or 'packaged' (an offline copy to import first)."""
-    # TFDS keeps a prepared dataset under <data_dir>/<dataset>/: without that folder, TFDS (a second or so to
-    # import and probe) is not asked.
-    if os.path.isdir(os.path.join(data_dir, dataset)):
+    if _tfds_may_hold(dataset, data_dir):
         import tensorflow_datasets as tfds
 
         if tfds.builder(dataset, data_dir=data_dir).is_prepared():
@@ -95,6 +121,12 @@ def resolve_source(dataset: str, data_dir: str) -> str:
     if packaged_copy(dataset):
         return "packaged"
     return "tfds"
+
+
+def _tfds_may_hold(dataset: str, data_dir: str) -> bool:
+    """TFDS keeps a prepared dataset under <data_dir>/<dataset>/: without that folder, TFDS (a second or so to
+    import and probe) is not asked."""
+    return os.path.isdir(os.path.join(data_dir, dataset))
 
 
 def idx_dir(data_dir: str, dataset: str) -> str:
@@ -149,14 +181,15 @@ def read_idx(path: str) -> np.ndarray:
     if not os.path.exists(path):
         raise DataError(f"missing data file {path}")
     try:
-        with gzip.open(path, "rb") as f:
-            raw = f.read()
+        with open(path, "rb") as f:
+            # One call for the whole file: zlib then releases the interpreter's lock for all of it (read_ahead).
+            raw = gzip.decompress(f.read())
         zero, dtype, ndim = struct.unpack(">HBB", raw[:4])
         shape = struct.unpack(f">{ndim}I", raw[4 : 4 + 4 * ndim])
         body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
         if zero != 0 or dtype != _IDX_UINT8 or body.size != int(np.prod(shape)):
             raise ValueError("bad IDX header or size")
-    except (OSError, EOFError, ValueError, struct.error) as error:
+    except (OSError, EOFError, ValueError, struct.error, zlib.error) as error:
         raise DataError(f"corrupt data file {path}: {error}") from error
     return body.reshape(shape)
 

@@ -25,6 +25,21 @@ SUITES = {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "scali
           "storage_overhead": storage_overhead}
 
 
+def cpu_model() -> str:
+    """The CPU's model name and its vector extensions that matter to the kernels (this machine's CPU changes)."""
+    flags, name = set(), platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    extensions = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
+
+
 def main() -> int:
     """Run the chosen benchmarks; merge into results.json; print the table."""
     only = os.environ.get("ONLY", "")
@@ -36,7 +51,7 @@ def main() -> int:
                           "python": platform.python_version()}
     for name, suite in SUITES.items():
         if not only or name in only.split(","):
-            results[name] = {**suite.run(), "date": time.strftime("%Y-%m-%d %H:%M")}
+            results[name] = {**suite.run(), "date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu_model()}
             with open(RESULTS, "w") as f:  # after every suite: a later failure keeps what was measured
                 json.dump(results, f, indent=2)
                 f.write("\n")

@@ -94,9 +94,11 @@ def read_ahead(config: DataConfig, splits: tuple[str, ...] = SPLITS) -> None:
     imported: decompressing the files releases the interpreter's lock, so the read costs no time on a second
     core). Only where load_split will read IDX files without asking TFDS (which needs TensorFlow)."""
     data_dir = os.path.expanduser(config.data_dir)
+    source = config.data_source
+    if source == "auto" and not _tfds_may_hold(config.dataset, data_dir):
+        source = resolve_source(config.dataset, data_dir)  # without a TFDS folder it asks no TFDS
     folder = idx_dir(data_dir, config.dataset)
-    auto_idx = config.data_source == "auto" and not _tfds_may_hold(config.dataset, data_dir)
-    if not (config.data_source == "idx" or auto_idx) or not idx_complete(folder):
+    if source != "idx" or not idx_complete(folder):
         return
     reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
     for split in splits:

@@ -32,11 +32,10 @@ class FusedBatchNormalization(layers.BatchNormalization):
         if not (training and self.trainable) or mask is not None or len(inputs.shape) != 4 \
                 or self.axis not in (-1, 3) or self.synchronized or self.renorm:
             return super().call(inputs, training=training, mask=mask)
-        ones, zeros = tf.ones_like(self.moving_mean), tf.zeros_like(self.moving_mean)
         outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
-            x=tf.cast(inputs, "float32"), scale=self.gamma if self.scale else ones,
-            offset=self.beta if self.center else zeros, mean=tf.zeros([0]), variance=tf.zeros([0]),
-            epsilon=self.epsilon, data_format="NHWC", is_training=True)
+            x=tf.cast(inputs, "float32"), scale=self.gamma if self.scale else tf.ones_like(self.moving_mean),
+            offset=self.beta if self.center else tf.zeros_like(self.moving_mean), mean=tf.zeros([0]),
+            variance=tf.zeros([0]), epsilon=self.epsilon, data_format="NHWC", is_training=True)
         # The kernel returns the unbiased batch variance for the moving average; Keras averages the biased one.
         count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), "float32")
         variance = variance * (count - 1.0) / count

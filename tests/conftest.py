@@ -111,6 +111,29 @@ def bucket(emulator, request) -> str:
     return name
 
 
+@pytest.fixture(scope="session")
+def fake_gcs():
+    """fake-gcs-server on loopback: it enforces generation preconditions and serves requests concurrently."""
+    from gcs import FakeGCS
+
+    server = FakeGCS()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def concurrent_bucket(fake_gcs, monkeypatch, request) -> str:
+    """A new bucket on fake-gcs-server, which this test and the processes it starts reach. For tests that freeze
+    a writer (SIGSTOP): the emulator serves one request at a time, so a client frozen half-way through one would
+    block every other client, which real GCS never does."""
+    from google.cloud import storage
+
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
+    name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    storage.Client().create_bucket(name)
+    return name
+
+
 def error_lines(stderr: str) -> list[str]:
     """Lines the trainer itself printed as errors (TensorFlow's own start-up logging aside)."""
     return [line for line in stderr.splitlines() if line.startswith("error:")]

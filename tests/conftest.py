@@ -101,14 +101,19 @@ def emulator():
     server.stop()
 
 
-@pytest.fixture
-def bucket(emulator, request) -> str:
-    """A new, empty bucket on the emulator; its name."""
+def _new_bucket(request) -> str:
+    """A new, empty bucket named after the test, on the server STORAGE_EMULATOR_HOST names; its name."""
     from google.cloud import storage
 
     name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
     storage.Client().create_bucket(name)
     return name
+
+
+@pytest.fixture
+def bucket(emulator, request) -> str:
+    """A new, empty bucket on the emulator; its name."""
+    return _new_bucket(request)
 
 
 @pytest.fixture(scope="session")
@@ -126,12 +131,8 @@ def concurrent_bucket(fake_gcs, monkeypatch, request) -> str:
     """A new bucket on fake-gcs-server, which this test and the processes it starts reach. For tests that freeze
     a writer (SIGSTOP): the emulator serves one request at a time, so a client frozen half-way through one would
     block every other client, which real GCS never does."""
-    from google.cloud import storage
-
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
-    name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
-    storage.Client().create_bucket(name)
-    return name
+    return _new_bucket(request)
 
 
 def error_lines(stderr: str) -> list[str]:

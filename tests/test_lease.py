@@ -24,14 +24,12 @@ TRAIN = ["train", "--model", "mlp300", "--batch-size", "100", "--steps-per-loop"
 
 
 @pytest.fixture(params=["local", "gcs"])
-def versioned(request, tmp_path, fake_gcs, monkeypatch):
+def versioned(request, tmp_path):
     """A store whose conditional writes are enforced by its backend: a local folder, or fake-gcs-server."""
     if request.param == "local":
         return {"url": str(tmp_path / "store"), "env": {}}
-    monkeypatch.setenv("STORAGE_EMULATOR_HOST", fake_gcs.url)
-    name = f"lease-{request.node.name.lower()}".replace("[", "-").replace("]", "")[:60]
-    storage.Client().create_bucket(name)
-    return {"url": f"gs://{name}/runs/r", "env": {"STORAGE_EMULATOR_HOST": fake_gcs.url}}
+    name = request.getfixturevalue("concurrent_bucket")
+    return {"url": f"gs://{name}/runs/r", "env": {"STORAGE_EMULATOR_HOST": os.environ["STORAGE_EMULATOR_HOST"]}}
 
 
 def _open(url: str):

@@ -3,23 +3,31 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from trainer import input_pipeline
 from trainer.config import RuntimeConfig
 from trainer.datasets import Split
 from trainer.distribute import make_strategy
+from trainer.loop import Schedule
 
 
 def _small(split: Split, n: int) -> Split:
     return Split(images=split.images[:n], labels=split.labels[:n], source=split.source)
 
 
+def _chunks(split: Split, batch: int, epochs: int, start_step: int = 0, steps_per_loop: int = 4):
+    per_epoch = len(split) // batch
+    return Schedule(per_epoch, per_epoch * epochs, steps_per_loop, 100, batch).chunks(start_step)
+
+
 def _host_batches_fn(split: Split, batch: int, epochs: int, seed: int, start_step: int = 0, augment: bool = False):
-    """The trainer's index stream, gathered on the host by the same gather_batch."""
-    index_fn = input_pipeline.train_index_fn(len(split), batch, epochs, seed, start_step, augment)
+    """The trainer's index stream, one batch per step, gathered on the host by the same gather_batch."""
+    index_fn = input_pipeline.train_index_fn(len(split), batch, seed, _chunks(split, batch, epochs, start_step),
+                                             augment)
     images, labels = tf.constant(split.images), tf.constant(split.labels)
-    return lambda context: index_fn(context).map(lambda b: input_pipeline.gather_batch(images, labels, b))
+    return lambda context: index_fn(context).unbatch().map(lambda b: input_pipeline.gather_batch(images, labels, b))
 
 
 def _global_batches(split: Split, batch: int, start_step: int = 0, steps: int = 3) -> list[np.ndarray]:
@@ -34,17 +42,24 @@ def test_two_replicas_gather_disjoint_halves_of_each_global_batch_on_their_own_d
     resident = input_pipeline.resident_split(strategy, split)
     assert [images.device.split("/")[-1] for images, _ in strategy.experimental_local_results(resident)] == \
         ["device:CPU:0", "device:CPU:1"]
-    dataset = strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(len(split), 64, epochs=2, seed=3))
-    gather = tf.function(lambda batch: strategy.run(lambda s, b: input_pipeline.gather_batch(*s, b), args=(resident, batch)))
-    expected = _global_batches(split, 64)
-    for batch, whole in zip(dataset, expected):
-        images, labels = gather(batch)
+    chunks = _chunks(split, 64, epochs=2)
+    dataset = strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(len(split), 64, 3, chunks))
+    gather = tf.function(lambda block, step: strategy.run(
+        lambda s, b: input_pipeline.gather_batch(*s, {"indices": b["indices"][step]}), args=(resident, block)))
+    expected = _global_batches(split, 64, steps=16)
+    blocks = list(dataset)
+    # One block per chunk and replica, each as long as its chunk: 16 steps per epoch, chunks of 4.
+    assert [len(strategy.experimental_local_results(b["indices"])[1]) for b in blocks] == \
+        [stop - start for start, stop in chunks] == [4] * 8
+    for step, whole in enumerate(expected):
+        block = blocks[step // 4]
+        images, labels = gather(block, step % 4)
         first, second = (t.numpy() for t in strategy.experimental_local_results(images))
         assert first.shape == second.shape == (32, 28, 28, 1)
         # Each replica holds its own half of the global batch, in order, with no overlap.
         np.testing.assert_array_equal(np.concatenate([first, second]), whole)
         assert not {a.tobytes() for a in first} & {b.tobytes() for b in second}
-        indices = np.concatenate(strategy.experimental_local_results(batch["indices"]))
+        indices = np.concatenate([b[step % 4] for b in strategy.experimental_local_results(block["indices"])])
         np.testing.assert_array_equal(np.concatenate(strategy.experimental_local_results(labels)), split.labels[indices])
 
 
@@ -57,6 +72,8 @@ def test_epochs_are_reshuffled_by_seed_and_resume_continues_the_stream(mnist):
     for a, b in zip(resumed, stream[13:18]):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(_global_batches(split, 64, steps=1)[0], stream[0])  # same seed, same order
+    with pytest.raises(ValueError, match="not a chunk of one epoch"):
+        input_pipeline.train_index_fn(len(split), 64, 3, [(8, 12)])
 
 
 def test_augmentation_shifts_images_deterministically(mnist):

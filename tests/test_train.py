@@ -168,11 +168,13 @@ def test_the_evaluation_warmed_up_while_training_is_the_one_called_and_evaluates
     schedule = loop.Schedule.of(config.run, len(mnist["train"]))
     learner = Learner(config, strategy, mnist["train"], mnist["test"], schedule, str(tmp_path / "checkpoints"))
     learner.begin(0)
-    learner.train_steps(20)  # the train step is traced: the evaluation's warm-up starts beside the next steps
-    rate_after_20 = learner.learning_rate
-    learner.train_steps(20)
+    learner.train_steps(50)  # the train step is traced: the evaluation's warm-up starts beside the next steps
+    rate_after_50 = learner.learning_rate
+    with pytest.raises(ValueError, match="the next chunk has 50 steps, not 20"):
+        learner.train_steps(20)  # the input holds the schedule's chunks, in order
+    learner.train_steps(50)
     # The rate the steps returned is the schedule's at the step the optimizer has reached.
-    assert learner.learning_rate == float(learner.optimizer.learning_rate) != rate_after_20
+    assert learner.learning_rate == float(learner.optimizer.learning_rate) != rate_after_50
     learner.evaluate._warmer.join()
     assert learner.evaluate._evaluate_all.experimental_get_tracing_count() == 1  # traced before any call
     background = learner.evaluate()

@@ -4,7 +4,7 @@ replica-resident split the indices point into, and the gather (and shift) of a b
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, Sequence
 
 import tensorflow as tf
 
@@ -33,49 +33,61 @@ def steps_per_epoch(num_examples: int, global_batch: int) -> int:
 
 
 def train_index_fn(
-    num_examples: int, global_batch: int, epochs: int, seed: int, start_step: int = 0, augment: bool = False
+    num_examples: int, global_batch: int, seed: int, chunks: Sequence[tuple[int, int]], augment: bool = False
 ) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """A dataset function for `distribute_datasets_from_function` yielding per-replica batches of
-    example indices ({"indices"}, plus {"offsets"} of the random shifts when augmenting).
+    """A dataset function for `distribute_datasets_from_function` yielding, per replica, one block of example
+    indices per chunk of steps: {"indices": [steps, per-replica batch]} (plus {"offsets": [steps, batch, 2]} of
+    the random shifts when augmenting), for the (start, stop) step ranges `chunks`, none spanning two epochs.
 
     The images themselves stay on each replica's device (`resident_split`) and are gathered there
-    (`gather_batch`), so a step moves a few hundred bytes of indices, not images.
-    Epoch e is the worker's shard in an order fixed by (seed, e); starting at `start_step`
-    skips exactly the examples already trained on, so the data position needs no shuffle
-    buffer in the checkpoint.
+    (`gather_batch`): a chunk of steps moves one tensor of indices, and the train step fetches from its input
+    once per chunk, not once per step (each fetch through the distributed iterator cost ~0.2 ms of a 4.5 ms
+    step). Epoch e is the worker's shard in an order fixed by (seed, e), whatever the chunks, so a run resumed
+    at any chunk's start trains on exactly the examples left, and the data position needs no state in the
+    checkpoint.
     """
     per_epoch = steps_per_epoch(num_examples, global_batch)
+    if not chunks:
+        raise ValueError("no steps to feed")
+    rows_by_epoch: dict[int, list[tuple[int, int]]] = {}
+    for start, stop in chunks:
+        epoch = start // per_epoch
+        if not start < stop <= (epoch + 1) * per_epoch:
+            raise ValueError(f"steps {start}-{stop} are not a chunk of one epoch of {per_epoch} steps")
+        rows_by_epoch.setdefault(epoch, []).append((start - epoch * per_epoch, stop - epoch * per_epoch))
 
     def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
         per_replica = context.get_per_replica_batch_size(global_batch)
         per_worker = global_batch // context.num_input_pipelines
+        local = per_worker // per_replica  # replicas fed by this pipeline, in turn, one element each
         base = tf.data.Dataset.range(num_examples)
         if context.num_input_pipelines > 1:
             base = base.shard(context.num_input_pipelines, context.input_pipeline_id)
         shard_size = num_examples // context.num_input_pipelines
         count = per_epoch * per_worker  # examples of the shard used per epoch
 
-        def one_epoch(epoch: int) -> tf.data.Dataset:
+        def one_epoch(epoch: int, rows: list[tuple[int, int]]) -> tf.data.Dataset:
             epoch_seed = seed * EPOCH_SEED_STRIDE + epoch
+            # Element k of the epoch goes to local replica k % local: each chunk's block for each replica.
+            spans = tf.constant([(a, b, r) for a, b in rows for r in range(local)], tf.int64)
 
             @_plain_graph
-            def batches(order: tf.Tensor) -> tf.data.Dataset:
-                # The epoch's whole order arrives as one tensor and is sliced into batches:
-                # per-element pipeline work takes CPU time from the training step on small machines.
-                sliced = {"indices": tf.reshape(order, [-1, per_replica])}
+            def blocks(order: tf.Tensor) -> tf.data.Dataset:
+                # The epoch's whole order arrives as one tensor: [step, local replica, example].
+                table = {"indices": tf.reshape(order, [per_epoch, local, per_replica])}
                 if augment:
-                    sliced["offsets"] = tf.random.stateless_uniform(
-                        [count // per_replica, per_replica, 2], seed=[epoch_seed, context.input_pipeline_id],
-                        maxval=2 * AUGMENT_SHIFT + 1, dtype=tf.int32)
-                return tf.data.Dataset.from_tensor_slices(sliced)
+                    table["offsets"] = tf.reshape(tf.random.stateless_uniform(
+                        [per_epoch * local, per_replica, 2], seed=[epoch_seed, context.input_pipeline_id],
+                        maxval=2 * AUGMENT_SHIFT + 1, dtype=tf.int32), [per_epoch, local, per_replica, 2])
+                return tf.data.Dataset.from_tensor_slices(spans).map(
+                    _plain_graph(lambda span: {k: v[span[0]:span[1], span[2]] for k, v in table.items()}))
 
             order = base.shuffle(shard_size, seed=epoch_seed, reshuffle_each_iteration=False).take(count)
-            return order.batch(count).flat_map(batches)
+            return order.batch(count).flat_map(blocks)
 
-        start_epoch, offset = divmod(start_step, per_epoch)
-        ds = functools.reduce(tf.data.Dataset.concatenate, [one_epoch(e) for e in range(start_epoch, epochs)])
-        ds = ds.skip(offset * per_worker // per_replica).prefetch(tf.data.AUTOTUNE)
-        return ds.with_options(_options())
+        epochs = [one_epoch(e, rows) for e, rows in sorted(rows_by_epoch.items())]
+        ds = functools.reduce(tf.data.Dataset.concatenate, epochs)
+        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
 
     return dataset_fn
 

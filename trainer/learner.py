@@ -39,19 +39,25 @@ class Learner:
         self._steps = make_train_steps(strategy, self.model, self.optimizer, config.run.batch_size, self._resident,
                                        config.runtime.jit_compile)
         self._iterator: Any = None
+        self._chunks: list[int] = []  # the steps of each chunk the iterator holds, in order
         self._learning_rate: tf.Tensor | None = None
 
     def begin(self, start_step: int) -> None:
         """Position the input at `start_step` (the examples already trained on are skipped)."""
         if start_step >= self.schedule.total_steps:
             return  # fully trained (a run stopped before its metrics): only evaluation and export are left
-        run = self.config.run
+        run, chunks = self.config.run, self.schedule.chunks(start_step)
         dataset = self.strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(
-            len(self.train_split), run.batch_size, run.epochs, run.seed, start_step, self.config.data.augment))
+            len(self.train_split), run.batch_size, run.seed, chunks, self.config.data.augment))
         self._iterator = iter(dataset)
+        self._chunks = [stop - start for start, stop in reversed(chunks)]
 
     def train_steps(self, steps: int) -> tuple[float, float]:
-        """Run `steps` synchronous steps; return the summed loss and the correct count over their examples."""
+        """Run the schedule's next chunk, of `steps` synchronous steps; return the summed loss and the correct
+        count over their examples."""
+        expected = self._chunks.pop() if self._chunks else None
+        if steps != expected:
+            raise ValueError(f"the next chunk has {expected} steps, not {steps}")
         loss_sum, correct, self._learning_rate = self._steps(self._iterator, tf.constant(steps))
         if not multi_worker(self.strategy):
             # The train step is traced now; on several workers, every worker must trace its collectives in the
@@ -71,7 +77,8 @@ def make_train_steps(strategy: tf.distribute.Strategy, model: keras.Model, optim
                      global_batch: int, resident: tf.distribute.DistributedValues,
                      jit_compile: bool = False) -> Callable[..., Any]:
     """A tf.function `(iterator, steps) -> (summed loss, correct, learning rate after them)` running `steps`
-    synchronous training steps on batches of indices into the replica-resident split."""
+    synchronous training steps on the iterator's next block of `steps` batches of indices into the
+    replica-resident split."""
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
     def gradients(images: tf.Tensor, labels: tf.Tensor) -> tuple[list[tf.Tensor], tf.Tensor, tf.Tensor]:
@@ -90,7 +97,9 @@ def make_train_steps(strategy: tf.distribute.Strategy, model: keras.Model, optim
         # XLA fuses the forward and backward pass; the update (with its cross-replica all-reduce) stays outside.
         gradients = tf.function(gradients, jit_compile=True)
 
-    def replica_step(split: tuple[tf.Tensor, tf.Tensor], batch: dict[str, tf.Tensor]) -> tuple[tf.Tensor, tf.Tensor]:
+    def replica_step(split: tuple[tf.Tensor, tf.Tensor], block: dict[str, tf.Tensor], step: tf.Tensor
+                     ) -> tuple[tf.Tensor, tf.Tensor]:
+        batch = {key: rows[step] for key, rows in block.items()}
         grads, loss_sum, correct = gradients(*input_pipeline.gather_batch(*split, batch))
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return loss_sum, correct
@@ -99,9 +108,11 @@ def make_train_steps(strategy: tf.distribute.Strategy, model: keras.Model, optim
     # this code took ~0.2 s of the first call, on the way to the first step.
     @tf.function(autograph=False)
     def train_steps(iterator: Any, steps: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        block = next(iterator)
+
         def one_step(step: tf.Tensor, loss_sum: tf.Tensor, correct: tf.Tensor
                      ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            loss, right = strategy.run(replica_step, args=(resident, next(iterator)))
+            loss, right = strategy.run(replica_step, args=(resident, block, step))
             return (step + 1, loss_sum + strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None),
                     correct + strategy.reduce(tf.distribute.ReduceOp.SUM, right, axis=None))
 

@@ -30,10 +30,15 @@ class Schedule:
         per_epoch = num_examples // run.batch_size
         return cls(per_epoch, per_epoch * run.epochs, run.steps_per_loop, run.checkpoint_every, run.batch_size)
 
-    def next_stop(self, step: int) -> int:
-        """Where the chunk starting at `step` ends: after steps_per_loop steps, at the latest at the epoch's end."""
-        epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
-        return min(step + self.steps_per_loop, epoch_end, self.total_steps)
+    def chunks(self, start_step: int) -> list[tuple[int, int]]:
+        """The (start, stop) step ranges of the tf.function calls from `start_step` to the end: steps_per_loop
+        steps each, ending early at an epoch's end (so none spans two epochs) and at the last step."""
+        spans, step = [], start_step
+        while step < self.total_steps:
+            epoch_end = (step // self.steps_per_epoch + 1) * self.steps_per_epoch
+            spans.append((step, min(step + self.steps_per_loop, epoch_end, self.total_steps)))
+            step = spans[-1][1]
+        return spans
 
     def epoch_of(self, step: int) -> int:
         """Completed epochs after `step` steps."""
@@ -80,17 +85,14 @@ class Action(Protocol):
 def run(train_steps: Callable[[int], tuple[float, float]], schedule: Schedule, start_step: int,
         actions: Sequence[Action]) -> None:
     """Train from `start_step` to the schedule's end in chunks; after each, call every action in order."""
-    step = start_step
-    while step < schedule.total_steps:
-        stop = schedule.next_stop(step)
+    for step, stop in schedule.chunks(start_step):
         tick = time.perf_counter()
         loss_sum, correct = train_steps(stop - step)
         seconds = time.perf_counter() - tick
         epoch = schedule.epoch_of(stop)
         progress = Progress(step, stop, epoch, stop == epoch * schedule.steps_per_epoch, loss_sum, correct,
                             (stop - step) * schedule.global_batch, seconds)
-        step = stop
         for action in actions:
             action(progress)
     for action in actions:
-        action.finish(step)
+        action.finish(max(start_step, schedule.total_steps))

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from trainer.models import MODELS, FusedBatchNormalization, build_model
+from trainer.checkpoints import Checkpoints
+from trainer.models import MODELS, ChannelBias, FusedBatchNormalization, build_model
 
 
 @pytest.mark.parametrize("name, parameters", [
@@ -29,10 +30,13 @@ def test_models_map_uint8_images_to_ten_logits(name):
 
 
 def _relu_then_pool(model: keras.Model, images: np.ndarray) -> tf.Tensor:
-    """The model's layer chain as textbooks write it: each ReLU applied before the max-pool preceding it."""
+    """The model's layer chain as textbooks write it: each bias and ReLU applied before the max-pool preceding
+    them."""
     chain, x, i = model.layers[1:], images, 0
     while i < len(chain):
-        if isinstance(chain[i], keras.layers.MaxPooling2D) and isinstance(chain[i + 1], keras.layers.Activation):
+        if isinstance(chain[i], keras.layers.MaxPooling2D) and isinstance(chain[i + 1], ChannelBias):
+            x, i = chain[i](chain[i + 2](chain[i + 1](x))), i + 3
+        elif isinstance(chain[i], keras.layers.MaxPooling2D) and isinstance(chain[i + 1], keras.layers.Activation):
             x, i = chain[i](chain[i + 1](x)), i + 2
         else:
             x, i = chain[i](x, training=False), i + 1
@@ -40,9 +44,13 @@ def _relu_then_pool(model: keras.Model, images: np.ndarray) -> tf.Tensor:
 
 
 @pytest.mark.parametrize("name", ["cnn", "lenet_bn", "convnet_bn"])
-def test_pooling_before_relu_gives_the_same_logits_and_gradients(name, mnist):
+def test_pooling_before_bias_and_relu_gives_the_same_logits_and_gradients(name, mnist):
     model = build_model(name)
     assert any(isinstance(layer, keras.layers.MaxPooling2D) for layer in model.layers)
+    rng = np.random.default_rng(0)
+    for layer in model.layers:
+        if isinstance(layer, ChannelBias):  # trained values, not the zeros they start from
+            layer.bias.assign(rng.normal(0.0, 0.3, layer.bias.shape).astype("float32"))
     images, labels = mnist["test"].images[:32], mnist["test"].labels[:32]
     results = []
     for forward in (lambda: model(images, training=False), lambda: _relu_then_pool(model, images)):
@@ -73,3 +81,27 @@ def test_fused_batch_norm_trains_and_infers_as_keras_batch_norm(shape):
                         layer.moving_mean, layer.moving_variance, layer(x, training=False)])
     for keras_value, fused_value in zip(*results):
         np.testing.assert_allclose(np.asarray(fused_value), np.asarray(keras_value), rtol=1e-4, atol=1e-4)
+
+
+def test_a_checkpoint_with_the_bias_in_the_conv_layer_restores_into_todays_cnn(tmp_path, mnist):
+    """Runs saved before the bias moved after the pool resume with the same function: the conv's bias is
+    restored into the ChannelBias layer (the checkpoint holds the weights as the optimizer's list, in order)."""
+    layers = keras.layers
+    images = keras.Input((28, 28, 1), dtype="uint8", name="images")
+    x = layers.Rescaling(1.0 / 255, name="rescale")(images)
+    x = layers.MaxPooling2D(2, name="pool1")(layers.Conv2D(32, 3, name="conv1")(x))
+    x = layers.Flatten(name="flatten")(layers.Activation("relu", name="conv1_relu")(x))
+    x = layers.Dense(128, activation="relu", name="hidden1")(x)
+    before = keras.Model(images, layers.Dense(10, name="logits")(x))
+    rng = np.random.default_rng(1)
+    for variable in before.trainable_variables:
+        variable.assign(rng.normal(0.0, 0.1, variable.shape).astype("float32"))
+    optimizers = []
+    for model in (before, today := build_model("cnn")):
+        optimizers.append(keras.optimizers.Adam())
+        optimizers[-1].build(model.trainable_variables)
+    Checkpoints(str(tmp_path), before, optimizers[0]).save(step=7, epoch=0)
+    assert Checkpoints(str(tmp_path), today, optimizers[1]).restore("the run", print) == (7, [])
+    np.testing.assert_array_equal(today.get_layer("conv1_bias").bias.numpy(), before.get_layer("conv1").bias.numpy())
+    sample = mnist["test"].images[:64]
+    np.testing.assert_allclose(today(sample).numpy(), before(sample).numpy(), rtol=1e-5, atol=1e-5)

@@ -218,7 +218,7 @@ def feature_maps(inputs: Inputs, path: str, index: int = 0) -> dict[str, Any] | 
         ax.imshow(maps[..., c], cmap="viridis")
         ax.set_title(f"map {c}", fontsize=7)
         ax.axis("off")
-    fig.suptitle(f"Feature maps of {convs[0].name} ({channels} filters, before the activation)")
+    fig.suptitle(f"Feature maps of {convs[0].name} ({channels} filters; before any bias, normalisation and activation)")
     _save(fig, path)
     return {"layer": convs[0].name, "image": index, "shape": list(maps.shape)}
 

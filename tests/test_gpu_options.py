@@ -31,7 +31,8 @@ def _train(mnist: dict, model_name: str, precision: str, jit_compile: bool, opti
         config = OptimizerConfig(optimizer=optimizer, learning_rate=0.01 if optimizer == "adam" else 0.1)
         optimizer_ = build_optimizer(config, steps, steps, loss_scaling=precision == "mixed_float16")
         optimizer_.build(model.trainable_variables)
-    dataset = strategy.distribute_datasets_from_function(input_pipeline.train_index_fn(len(split), BATCH, 0, [(0, steps)]))
+    dataset = strategy.distribute_datasets_from_function(
+        input_pipeline.train_index_fn(len(split), BATCH, 0, [(0, steps)]))
     train_steps = make_train_steps(strategy, model, optimizer_, BATCH, input_pipeline.resident_split(strategy, split),
                                    jit_compile)
     loss_sum, correct, _ = train_steps(iter(dataset), tf.constant(steps))

@@ -58,11 +58,15 @@ class Learner:
         expected = self._chunks.pop() if self._chunks else None
         if steps != expected:
             raise ValueError(f"the next chunk has {expected} steps, not {steps}")
-        loss_sum, correct, self._learning_rate = self._steps(self._iterator, tf.constant(steps))
+        count = tf.constant(steps)
         if not multi_worker(self.strategy):
-            # The train step is traced now; on several workers, every worker must trace its collectives in the
-            # same order, which a thread cannot promise.
+            # Trace the train step first, then set up the evaluation in a thread: its tracing (Python) overlaps
+            # TensorFlow optimizing and instantiating the train step's graph (C++, on one core) at this first
+            # call. On several workers, every worker must trace its collectives in the same order, which a
+            # thread cannot promise.
+            self._steps.get_concrete_function(self._iterator, count)
             self.evaluate.warm_up_in_background()
+        loss_sum, correct, self._learning_rate = self._steps(self._iterator, count)
         return float(loss_sum), float(correct)
 
     @property

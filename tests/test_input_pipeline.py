@@ -104,3 +104,23 @@ def test_eval_pipeline_covers_every_example_once(mnist):
     shards = [np.concatenate([b["indices"].numpy() for b in fn(tf.distribute.InputContext(2, i, 1))])
               for i in range(2)]
     np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(len(split)))
+
+
+def test_two_workers_train_on_disjoint_shards_each_in_its_own_order_per_epoch() -> None:
+    # 1,000 examples, global batch 64 over two workers (32 each): 15 steps per epoch, 480 examples per worker.
+    chunks = Schedule(15, 30, 5, 100, 64).chunks(0)
+    fn = input_pipeline.train_index_fn(1000, 64, 7, chunks)
+
+    def epochs(worker: int) -> list[np.ndarray]:
+        blocks = [b["indices"].numpy() for b in fn(tf.distribute.InputContext(2, worker, 2))]
+        assert [len(b) for b in blocks] == [5] * 6 and blocks[0].shape[1:] == (32,)
+        steps = np.concatenate(blocks)
+        return [steps[:15].ravel(), steps[15:].ravel()]
+
+    first, second = epochs(0), epochs(1)
+    for worker, (one, two) in enumerate((first, second)):
+        for epoch in (one, two):
+            assert len(set(epoch)) == 480 and set(epoch % 2) == {worker}  # its own shard, no example twice
+        assert not np.array_equal(one, two)  # each epoch in another order
+    assert not set(first[0]) & set(second[0])
+    np.testing.assert_array_equal(epochs(0)[1], first[1])  # the same seed, the same order

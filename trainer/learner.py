@@ -41,6 +41,9 @@ class Learner:
         self._iterator: Any = None
         self._chunks: list[int] = []  # the steps of each chunk the iterator holds, in order
         self._learning_rate: tf.Tensor | None = None
+        # On several workers, every worker must trace its collectives in the same order, which a thread cannot
+        # promise: their evaluation is set up at its first call.
+        self._warm_up_evaluation = not multi_worker(strategy)
 
     def begin(self, start_step: int) -> None:
         """Position the input at `start_step` (the examples already trained on are skipped)."""
@@ -59,13 +62,13 @@ class Learner:
         if steps != expected:
             raise ValueError(f"the next chunk has {expected} steps, not {steps}")
         count = tf.constant(steps)
-        if not multi_worker(self.strategy):
+        if self._warm_up_evaluation:
             # Trace the train step first, then set up the evaluation in a thread: its tracing (Python) overlaps
             # TensorFlow optimizing and instantiating the train step's graph (C++, on one core) at this first
-            # call. On several workers, every worker must trace its collectives in the same order, which a
-            # thread cannot promise.
+            # call.
             self._steps.get_concrete_function(self._iterator, count)
             self.evaluate.warm_up_in_background()
+            self._warm_up_evaluation = False
         loss_sum, correct, self._learning_rate = self._steps(self._iterator, count)
         return float(loss_sum), float(correct)
 

@@ -1,4 +1,4 @@
-"""The per-replica input pipeline on real MNIST: index streams, resident splits, gathers, shifts, evaluation."""
+"""The per-replica input pipeline on real MNIST: index streams, resident splits, gathers, shifts."""
 
 from __future__ import annotations
 
@@ -93,17 +93,6 @@ def test_augmentation_shifts_images_deterministically(mnist):
         assert any(np.array_equal(shifted, w) for w in windows)
     # A shift moves pixels but keeps (almost all of) the ink: digits sit well inside the frame.
     assert abs(int(a.sum()) - int(plain.sum())) < 0.01 * int(plain.sum())
-
-
-def test_eval_pipeline_covers_every_example_once(mnist):
-    split = _small(mnist["test"], 1000)
-    fn = input_pipeline.eval_index_fn(len(split), 64)
-    indices = np.concatenate([b["indices"].numpy() for b in fn(tf.distribute.InputContext())])
-    np.testing.assert_array_equal(indices, np.arange(len(split)))
-    # Two workers: disjoint shards that together cover every example once.
-    shards = [np.concatenate([b["indices"].numpy() for b in fn(tf.distribute.InputContext(2, i, 1))])
-              for i in range(2)]
-    np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(len(split)))
 
 
 def test_two_workers_train_on_disjoint_shards_each_in_its_own_order_per_epoch() -> None:

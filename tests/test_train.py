@@ -183,6 +183,32 @@ def test_the_evaluation_warmed_up_while_training_is_the_one_called_and_evaluates
     assert background == foreground and background["test_examples"] == 10000
 
 
+def test_the_evaluation_takes_every_example_once_on_two_replicas(tmp_path, data_dir, mnist):
+    """1,001 examples on two replicas: two global batches of 1,000, the second leaving one example to the first
+    replica and none to the other; the confusion matrix and loss are the model's on every example, once."""
+    import keras
+
+    from trainer.datasets import Split
+    from trainer.evaluate import Evaluator
+    from trainer.models import build_model
+
+    config = cnn_config(str(tmp_path / "runs"), data_dir, model="lenet_bn")
+    strategy = make_strategy(config.runtime)
+    assert strategy.num_replicas_in_sync == 2
+    test = mnist["test"]
+    split = Split(images=test.images[:1001], labels=test.labels[:1001], source=test.source)
+    with strategy.scope():
+        model = build_model("lenet_bn")
+    result = Evaluator(strategy, model, split)()
+    logits = model(split.images, training=False).numpy()
+    expected = np.zeros((10, 10), np.int64)
+    np.add.at(expected, (split.labels, logits.argmax(axis=1)), 1)
+    loss = keras.losses.sparse_categorical_crossentropy(split.labels, logits, from_logits=True).numpy().sum()
+    assert result["test_examples"] == 1001
+    np.testing.assert_array_equal(result["confusion_matrix"], expected)
+    assert result["test_loss"] == pytest.approx(loss / 1001, rel=1e-4)
+
+
 def test_a_short_convnet_bn_run_infers_with_settled_batch_norm_statistics(tmp_path, data_dir, mnist):
     """A few hundred steps are enough for the moving statistics to hold what the batches had: the test set,
     evaluated with them, scores about as the last batches did in training (at Keras's momentum 0.99 the moving

@@ -1,5 +1,5 @@
-"""Per-replica tf.data pipelines over a `Split` in memory: the training and evaluation index streams, the
-replica-resident split the indices point into, and the gather (and shift) of a batch on the device."""
+"""Per-replica tf.data pipelines over a `Split` in memory: the training index stream, the replica-resident split
+the indices point into (the evaluation slices it directly), and the gather (and shift) of a batch on the device."""
 
 from __future__ import annotations
 
@@ -121,17 +121,3 @@ def _shift(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
     rows = offsets[:, :1] + tf.range(height)[tf.newaxis]
     cols = offsets[:, 1:] + tf.range(width)[tf.newaxis]
     return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
-
-
-def eval_index_fn(num_examples: int, global_batch: int) -> Callable[[tf.distribute.InputContext], tf.data.Dataset]:
-    """A dataset function over every example index of a split, once, in order, in per-replica batches
-    ({"indices"} into the replica-resident split); the last batch may be partial."""
-
-    def dataset_fn(context: tf.distribute.InputContext) -> tf.data.Dataset:
-        ds = tf.data.Dataset.range(num_examples)
-        if context.num_input_pipelines > 1:
-            ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
-        ds = ds.batch(context.get_per_replica_batch_size(global_batch)).map(_plain_graph(lambda i: {"indices": i}))
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
-
-    return dataset_fn

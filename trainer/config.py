@@ -228,6 +228,11 @@ def config_from_args(args: argparse.Namespace | Mapping[str, Any], **overrides: 
     return build_config({k: v for k, v in given.items() if k in FIELD_SECTION} | overrides)
 
 
+def steps_per_epoch(num_examples: int, global_batch: int) -> int:
+    """Full global batches per epoch (the remainder is dropped)."""
+    return num_examples // global_batch
+
+
 def check_replicas(batch_size: int, replicas: int) -> None:
     """Raise ConfigError unless the global batch splits evenly over `replicas`."""
     if replicas and batch_size % replicas:

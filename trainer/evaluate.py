@@ -48,7 +48,7 @@ def _batch_stats(logits: tf.Tensor, labels: tf.Tensor, counted: tf.Tensor | None
 
 
 PROBABILITY_FLOOR = 1e-12  # log(probability) of an exported model's outputs stays finite
-EVAL_BATCH = 500  # examples per replica and call: evaluation needs no gradients, so large batches, few calls
+EVAL_BATCH = 500  # examples per replica and batch: evaluation needs no gradients, so large batches, few of them
 
 
 class Evaluator:

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import tensorflow as tf
 
+from trainer.config import steps_per_epoch
 from trainer.datasets import IMAGE_SHAPE, Split
 
 AUGMENT_SHIFT = 2  # pixels of random translation when augmenting
@@ -25,11 +26,6 @@ def _options() -> tf.data.Options:
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
     options.deterministic = True
     return options
-
-
-def steps_per_epoch(num_examples: int, global_batch: int) -> int:
-    """Full global batches per epoch (the remainder is dropped)."""
-    return num_examples // global_batch
 
 
 def train_index_fn(

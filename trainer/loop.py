@@ -11,7 +11,7 @@ import dataclasses
 import time
 from typing import Callable, Protocol, Sequence
 
-from trainer.config import RunConfig
+from trainer.config import RunConfig, steps_per_epoch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,7 @@ class Schedule:
     @classmethod
     def of(cls, run: RunConfig, num_examples: int) -> "Schedule":
         """The schedule of `run` over a training split of `num_examples` (full global batches only)."""
-        per_epoch = num_examples // run.batch_size
+        per_epoch = steps_per_epoch(num_examples, run.batch_size)
         return cls(per_epoch, per_epoch * run.epochs, run.steps_per_loop, run.checkpoint_every, run.batch_size)
 
     def chunks(self, start_step: int) -> list[tuple[int, int]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 
-from trainer.config import PRESETS
+from trainer.config import PRESETS, steps_per_epoch
 
 
 def lenet_bn_recipe(num_examples: int) -> tuple[int, float, int, int]:
@@ -14,7 +14,7 @@ def lenet_bn_recipe(num_examples: int) -> tuple[int, float, int, int]:
     steps), the steps counted as the trainer counts them."""
     recipe = PRESETS["lenet_bn"]
     batch = recipe["batch_size"]
-    steps = num_examples // batch
+    steps = steps_per_epoch(num_examples, batch)
     return batch, recipe["learning_rate"], steps, round(recipe["warmup_epochs"] * steps)
 
 

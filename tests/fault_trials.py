@@ -53,8 +53,8 @@ class Fault:
     reached: int  # the last step the attempt had trained
     code: int  # how the attempt ended
     resumed: int = 0  # the step the next attempt went on from
-    # SIGTERM before Python had even imported the trainer (its first ~0.1 s): the signal's own exit, 143; the
-    # attempt had printed and written nothing (on Kubernetes a preemption's DisruptionTarget is not counted).
+    # SIGTERM before the trainer's first line ran (the interpreter's own start, 20-50 ms): the signal's own exit,
+    # 143; the attempt had printed and written nothing (on Kubernetes a preemption's DisruptionTarget is not counted).
     too_early: bool = False
 
     @property

@@ -13,7 +13,7 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import ROOT, checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
+from conftest import ROOT, catches_sigterm, checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
 from trainer.config import config_from_args
 
 
@@ -154,6 +154,36 @@ def test_loading_tensorflow_skips_matplotlib_and_freezes_its_objects_out_of_the_
     assert result.stdout == "False True True\nTrue True\n", result.stdout + result.stderr
 
 
+def test_the_entry_point_takes_sigterm_before_it_imports_the_command_line():
+    # Importing the command line and its modules takes ~0.1 s; a SIGTERM then ended the process with 143.
+    code = ("import importlib.abc, runpy, signal, sys\n"
+            "class Watch(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, name, path, target=None):\n"
+            "        if name == 'trainer.cli':\n"
+            "            print(signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), flush=True)\n"
+            "sys.meta_path.insert(0, Watch())\n"
+            "sys.argv = ['trainer', 'data', '--help']\n"
+            "runpy.run_module('trainer', run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout.startswith("True\n"), result.stdout[:200] + result.stderr
+
+
+def test_a_sigterm_the_launcher_held_back_reaches_the_trainer_and_ends_other_commands(tmp_path, data_dir):
+    """A launcher that blocks SIGTERM until the trainer takes it (the mask survives exec) closes the window of the
+    interpreter's start: the signal, pending from the first instant, stops a training run with 75 and ends a
+    command that trains nothing as the signal would (through the installed `mnist-trainer` script)."""
+    script = os.path.join(os.path.dirname(sys.executable), "mnist-trainer")
+    held = {"preexec_fn": lambda: signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})}
+    for argv, code in ((["train", "--model", "mlp300", "--epochs", "1", "--data-dir", data_dir], 75),
+                       (["evaluate"], -signal.SIGTERM)):
+        process = subprocess.Popen([script, *argv, "--output-dir", str(tmp_path), "--run", "r"], cwd=ROOT,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **held)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == code, stderr[-2000:]
+    assert error_lines(stderr) == [], stderr  # evaluate: ended by the signal before it looked for the run
+
+
 def _small_run(data_dir: str) -> list[str]:
     return ["train", "--model", "mlp300", "--epochs", "1", "--checkpoint-every", "200", "--data-dir", data_dir,
             "--grace-seconds", "10"]
@@ -172,11 +202,14 @@ def small_run_seconds(tmp_path_factory, data_dir) -> float:
 def test_sigterm_at_any_moment_exits_75_within_the_grace_and_a_rerun_completes(tmp_path, data_dir, fraction,
                                                                                small_run_seconds):
     """SIGTERM at a point of a run's life (from start-up through training to the final evaluation, export and
-    metrics), as a fraction of its uninterrupted duration."""
+    metrics), as a fraction of its uninterrupted duration; at the earliest once the trainer has taken the signal
+    (the interpreter's own start comes before: see the two tests below)."""
     args, duration = _small_run(data_dir), small_run_seconds
     output = ["--output-dir", str(tmp_path / "runs"), "--run", "r"]
+    started = time.monotonic()
     process = start_trainer(*args, *output)
-    time.sleep(fraction * duration)
+    assert wait_until(lambda: catches_sigterm(process.pid), timeout=30, process=process, interval=0.005)
+    time.sleep(max(0.0, started + fraction * duration - time.monotonic()))
     signalled = time.monotonic()
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)

@@ -17,7 +17,7 @@ from trainer import run_dir
 from trainer.cluster import this_task
 from trainer.config import (EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args,
                             fail, given_flags)
-from trainer.preemption import StopSignal
+from trainer.sigterm import StopSignal
 from trainer.runtime import load_tensorflow, set_tensorflow_env
 from trainer.storage import disk_full
 
@@ -81,12 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `python -m trainer`."""
+def main(argv: Sequence[str] | None = None, stop: StopSignal | None = None) -> int:
+    """Run one command of `python -m trainer`; `stop` is the entry point's StopSignal (taken here if None)."""
+    stop = stop or StopSignal().install()
     args = build_parser().parse_args(argv)
     set_tensorflow_env(args.verbose)
+    if args.command != "train":
+        stop.release()
     try:
-        return {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "analyze": cmd_analyze,
+        if args.command == "train":
+            return cmd_train(args, stop)
+        return {"evaluate": cmd_evaluate, "predict": cmd_predict, "analyze": cmd_analyze,
                 "data": cmd_data}[args.command](args)
     except TrainerError as error:
         _fail(str(error), error.exit_code)
@@ -105,9 +110,8 @@ def _fail(message: str, code: int) -> NoReturn:
     fail(message, code, now="tensorflow" in sys.modules)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    """Train, print a one-line summary."""
-    stop = StopSignal().install()  # SIGTERM from here on: a flag, checked at the end of every phase
+def cmd_train(args: argparse.Namespace, stop: StopSignal) -> int:
+    """Train, print a one-line summary. SIGTERM is a flag (`stop`), checked at the end of every phase."""
     # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
     run = run_dir.open_for_training(config_from_args(args), this_task(), given_flags(args), _warn, stop.check)
     stop.check("while opening the run")

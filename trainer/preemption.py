@@ -1,21 +1,18 @@
-"""SIGTERM (Kubernetes preemption or delete), in one place. From the start of `train` the signal is a flag
-(StopSignal). Before training, each phase ends with a check (nothing to save yet). After a chunk of steps, once
-every worker agrees, the run saves a checkpoint at that step; after the last step, the final evaluation and
-export are followed by the same check. Either way it ships within --grace-seconds of the signal and stops with
-`Interrupted` (exit 75: retried without counting, resumed from that checkpoint; a fully trained run is then
-only evaluated and exported)."""
+"""What SIGTERM (Kubernetes preemption or delete) does. From the entry point's first line the signal is a
+flag (sigterm.StopSignal). Before training, each phase ends with a check (nothing to save yet). After a chunk of
+steps, once every worker agrees, the run saves a checkpoint at that step; after the last step, the final
+evaluation and export are followed by the same check. Either way it ships within --grace-seconds of the signal
+and stops with `Interrupted` (exit 75: retried without counting, resumed from that checkpoint; a fully trained
+run is then only evaluated and exported)."""
 
 from __future__ import annotations
 
-import signal
-import threading
-import time
-import types
 from typing import TYPE_CHECKING, Callable, NoReturn
 
 from trainer.config import EXIT_INTERRUPTED, TrainerError
 from trainer.loop import Progress
 from trainer.shipper import Shipper
+from trainer.sigterm import StopSignal
 
 if TYPE_CHECKING:  # the entry point holds a StopSignal before TensorFlow (which actions.py imports) loads
     from trainer.actions import Checkpointing
@@ -36,47 +33,6 @@ class Interrupted(TrainerError):
     def before_training(cls, phase: str) -> "Interrupted":
         """SIGTERM arrived before anything was trained in this attempt."""
         return cls(f"interrupted by SIGTERM {phase}, before training; nothing to save; safe to retry")
-
-
-class StopSignal:
-    """While entered: SIGTERM sets a flag (and starts the grace period) instead of ending the process."""
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._previous: signal.Handlers | None = None
-        self._received_at = 0.0
-
-    def __enter__(self) -> "StopSignal":
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def install(self) -> "StopSignal":
-        """Take SIGTERM for the rest of the process (the entry point's use: a signal that comes after the work
-        is done, while the process winds down, must not kill it with the signal's own exit code)."""
-        return self.__enter__()
-
-    def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-    def _handle(self, signum: int, frame: types.FrameType | None) -> None:
-        self._received_at = time.monotonic()
-        self._event.set()
-
-    def check(self, phase: str) -> None:
-        """Raise Interrupted if SIGTERM has arrived (at a point where nothing of this attempt is unsaved)."""
-        if self.requested:
-            raise Interrupted.before_training(phase)
-
-    def remaining(self, grace: float) -> float:
-        """Seconds left of a `grace`-second budget that started when SIGTERM arrived."""
-        return max(0.0, grace - (time.monotonic() - self._received_at))
-
-    @property
-    def requested(self) -> bool:
-        """True once SIGTERM has arrived."""
-        return self._event.is_set()
 
 
 class Preemption:

@@ -16,9 +16,10 @@ from trainer.config import ConfigError, check_replicas
 from trainer.datasets import load_split
 from trainer.distribute import PeerLost, any_worker, cluster_of, describe, peer_failures, same_on_all_workers
 from trainer.learner import Learner
-from trainer.preemption import Preemption, StopSignal
+from trainer.preemption import Preemption
 from trainer.run_dir import HPARAMS_LOG, HPARAMS_SUFFIX, TrainingRun
 from trainer.shipper import Shipper
+from trainer.sigterm import StopSignal
 from trainer.storage import StoreUnavailable
 
 SAMPLE_IMAGES = 16  # training images shown in TensorBoard

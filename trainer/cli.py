@@ -86,11 +86,10 @@ def main(argv: Sequence[str] | None = None, stop: StopSignal | None = None) -> i
     stop = stop or StopSignal().install()
     args = build_parser().parse_args(argv)
     set_tensorflow_env(args.verbose)
-    if args.command != "train":
-        stop.release()
     try:
         if args.command == "train":
             return cmd_train(args, stop)
+        stop.release()  # nothing to save: SIGTERM ends the other commands as it always would
         return {"evaluate": cmd_evaluate, "predict": cmd_predict, "analyze": cmd_analyze,
                 "data": cmd_data}[args.command](args)
     except TrainerError as error:

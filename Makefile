@@ -15,9 +15,10 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 TRIALS      ?=
 ONLY        ?=
-# Container and cluster
-REGISTRY    ?= REGION-docker.pkg.dev/PROJECT/mnist
-IMAGE       ?= $(REGISTRY)/mnist-trainer
+# Container and cluster. Without REGISTRY the image is a local one (make image, make local); a cluster pulls it
+# from REGISTRY (push, submit, tensorboard need it, e.g. REGISTRY=europe-west4-docker.pkg.dev/my-project/mnist).
+REGISTRY    ?=
+IMAGE       ?= $(if $(REGISTRY),$(REGISTRY)/mnist-trainer,localhost/mnist-trainer)
 TAG         ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 BASE_IMAGE  ?=
 DOCKERFILE  ?= docker/Dockerfile
@@ -38,12 +39,25 @@ LOCAL_ARGS   = train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if
 BUCKET      ?=
 REMOTE_DIR  ?= gs://$(BUCKET)/runs
 GPUS        ?= 1
+# make local: all the host's GPUs where NVIDIA's driver is installed (nvidia-smi), else none (LOCAL_GPUS=all or 0).
+LOCAL_GPUS  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo all || echo 0)
 WORKERS     ?= 1
 GPU_TYPE    ?=
 NAMESPACE   ?= default
 QUEUE       ?=
 PRIORITY    ?=
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
+
+# What the cluster goals need, checked before anything is built: one line, exit code 2.
+CLUSTER_GOAL := $(firstword $(filter push submit tensorboard,$(MAKECMDGOALS)))
+ifneq ($(CLUSTER_GOAL),)
+ifneq ($(filter localhost/%,$(IMAGE)),)
+$(error error: make $(CLUSTER_GOAL) needs REGISTRY=HOST/PATH, a registry the cluster pulls from (or IMAGE=HOST/PATH/NAME))
+endif
+ifeq ($(BUCKET)$(filter push,$(CLUSTER_GOAL)),)
+$(error error: make $(CLUSTER_GOAL) needs BUCKET=NAME, the bucket that holds the runs (gs://NAME/runs))
+endif
+endif
 
 .PHONY: install lock train test faults bench data image-data manifests pin-base image push submit local tensorboard clean
 
@@ -114,12 +128,11 @@ push: image
 	$(if $(filter buildah,$(CONTAINER)),$(BUILDAH),$(CONTAINER)) push $(IMAGE):$(TAG)
 
 submit: install push
-	@test -n "$(BUCKET)" || (echo "error: set BUCKET=<your bucket>" >&2; exit 2)
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) submit --image $(IMAGE):$(TAG) --output-dir $(REMOTE_DIR) \
 	  --gpus $(GPUS) --workers $(WORKERS) $(if $(GPU_TYPE),--gpu-type $(GPU_TYPE)) $(if $(RUN),--run $(RUN)) \
 	  $(if $(QUEUE),--queue $(QUEUE)) $(if $(PRIORITY),--priority $(PRIORITY)) -- $(TRAINER_FLAGS)
 
-# The same image on this machine, as you (LOCAL_USER), the run folder under OUTPUT_DIR; GPUS=0 for none.
+# The same image on this machine, as you (LOCAL_USER), the run folder under OUTPUT_DIR, with LOCAL_GPUS.
 local: image
 	mkdir -p $(OUTPUT_DIR)
 ifeq ($(CONTAINER),buildah)
@@ -128,12 +141,11 @@ ifeq ($(CONTAINER),buildah)
 	  python -m trainer $(LOCAL_ARGS)
 else
 	$(CONTAINER) run --rm --shm-size 2g --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs \
-	  $(if $(filter-out 0,$(GPUS)),$(if $(filter podman,$(CONTAINER)),--device nvidia.com/gpu=all,--gpus all)) \
+	  $(if $(filter-out 0,$(LOCAL_GPUS)),$(if $(filter podman,$(CONTAINER)),--device nvidia.com/gpu=all,--gpus all)) \
 	  $(IMAGE):$(TAG) $(LOCAL_ARGS)
 endif
 
 tensorboard: install
-	@test -n "$(BUCKET)" || (echo "error: set BUCKET=<your bucket>" >&2; exit 2)
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE):$(TAG) --logdir $(REMOTE_DIR)
 
 clean:

@@ -154,7 +154,7 @@ def test_make_local_runs_the_same_image_as_any_user(image, tmp_path, data_dir):
     runs = _writable_folder(tmp_path / "local")
     # `-o image`: the fixture has just built it with `make image`; the rest is what `make local` does.
     result = _run(["make", "-o", "image", "local", *_make_buildah(),
-                   "LOCAL_USER=4321:4321", f"OUTPUT_DIR={runs}", "MODEL=mlp300", "EPOCHS=1", "RUN=local", "GPUS=0"],
+                   "LOCAL_USER=4321:4321", f"OUTPUT_DIR={runs}", "MODEL=mlp300", "EPOCHS=1", "RUN=local", "LOCAL_GPUS=0"],
                   cwd=ROOT)
     assert "run folder: /runs/local" in result.stdout
     _evaluates_as_recorded(runs, "local", data_dir)
@@ -185,7 +185,7 @@ def test_without_a_docker_engine_make_image_uses_podman_and_builds_the_same_imag
     assert podman_id == _run([*buildah(), "inspect", "--format", "{{.FromImageID}}", image]).stdout.strip()
     # `make local` then runs that image with podman (not run here: see the README).
     local = _run([*make, "-n", "-o", "image", "local", "LOCAL_USER=4321:4321", "OUTPUT_DIR=/somewhere", "RUN=p",
-                  "GPUS=0"], cwd=ROOT, env=podman_env).stdout
+                  "LOCAL_GPUS=0"], cwd=ROOT, env=podman_env).stdout
     assert (f"podman run --rm --shm-size 2g --user 4321:4321 -v /somewhere:/runs {image} train --output-dir /runs"
             in " ".join(word for word in local.split() if word != "\\"))
 

@@ -42,11 +42,14 @@ class KubeAPI:
 
             def _reply(self, status: int, body: Any, content_type: str = "application/json") -> None:
                 data = body.encode() if isinstance(body, str) else json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", content_type)
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    self.close_connection = True  # the client gave up first (as the request-timeout tests make it)
 
             def _handle(self) -> None:
                 url = urllib.parse.urlparse(self.path)

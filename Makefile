@@ -145,7 +145,8 @@ else
 	  $(IMAGE):$(TAG) $(LOCAL_ARGS)
 endif
 
-tensorboard: install
+# TensorBoard runs the trainer's image (it has TensorBoard and GCS access): pushed first, so the tag exists.
+tensorboard: install push
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE):$(TAG) --logdir $(REMOTE_DIR)
 
 clean:

@@ -47,6 +47,14 @@ def test_submit_pushes_to_the_registry_and_trains_into_the_bucket():
             "--output-dir gs://my-runs/runs --gpus 4 --workers 1") in launch
 
 
+def test_tensorboard_runs_an_image_it_has_pushed():
+    commands = _make("-n", "tensorboard", "REGISTRY=registry.example/team/mnist", "BUCKET=my-runs",
+                     "CONTAINER=docker", "TAG=v1").stdout
+    push = commands.index("docker push registry.example/team/mnist/mnist-trainer:v1")
+    assert commands.index("tensorboard --image registry.example/team/mnist/mnist-trainer:v1 "
+                          "--logdir gs://my-runs/runs") > push
+
+
 def test_image_and_local_need_no_registry():
     for goal in ("image", "local"):
         result = _make("-n", goal, "CONTAINER=docker", "TAG=v1")

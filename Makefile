@@ -49,13 +49,16 @@ PRIORITY    ?=
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
 # What the cluster goals need, checked before anything is built: one line, exit code 2.
-CLUSTER_GOAL := $(firstword $(filter push submit tensorboard,$(MAKECMDGOALS)))
-ifneq ($(CLUSTER_GOAL),)
+REGISTRY_GOAL := $(firstword $(filter push submit tensorboard,$(MAKECMDGOALS)))
+BUCKET_GOAL   := $(firstword $(filter submit tensorboard,$(MAKECMDGOALS)))
+ifneq ($(REGISTRY_GOAL),)
 ifneq ($(filter localhost/%,$(IMAGE)),)
-$(error error: make $(CLUSTER_GOAL) needs REGISTRY=HOST/PATH, a registry the cluster pulls from (or IMAGE=HOST/PATH/NAME))
+$(error error: make $(REGISTRY_GOAL) needs REGISTRY=HOST/PATH, a registry the cluster pulls from (or IMAGE=HOST/PATH/NAME))
 endif
-ifeq ($(BUCKET)$(filter push,$(CLUSTER_GOAL)),)
-$(error error: make $(CLUSTER_GOAL) needs BUCKET=NAME, the bucket that holds the runs (gs://NAME/runs))
+endif
+ifneq ($(BUCKET_GOAL),)
+ifeq ($(BUCKET),)
+$(error error: make $(BUCKET_GOAL) needs BUCKET=NAME, the bucket that holds the runs (gs://NAME/runs))
 endif
 endif
 

@@ -32,10 +32,10 @@ def test_cluster_goals_without_a_registry_say_so_before_building(goal):
     assert f"error: make {goal} needs REGISTRY=HOST/PATH" in line
 
 
-@pytest.mark.parametrize("goal", ["submit", "tensorboard"])
-def test_cluster_goals_without_a_bucket_say_so_before_building(goal):
-    line = _one_error_line(_make(goal, "REGISTRY=registry.example/team/mnist"))
-    assert f"error: make {goal} needs BUCKET=NAME" in line
+@pytest.mark.parametrize("goals", [["submit"], ["tensorboard"], ["push", "submit"]])
+def test_cluster_goals_without_a_bucket_say_so_before_building(goals):
+    line = _one_error_line(_make(*goals, "REGISTRY=registry.example/team/mnist"))
+    assert f"error: make {goals[-1]} needs BUCKET=NAME" in line
 
 
 def test_submit_pushes_to_the_registry_and_trains_into_the_bucket():

@@ -68,11 +68,13 @@ class Group:
         self.pod_env = pod_env(pod["containers"][0])  # the same in every attempt: the JobSet keeps its name
         self.attempts: list[Attempt] = []
         self.processes: list[subprocess.Popen] = []
+        self.hosts: list[str] = []  # the current attempt's worker addresses
         self.started = 0.0
 
     def start(self) -> None:
         """Start every worker of a new attempt (fresh addresses and scratch, like new pods)."""
-        hosts = ",".join(f"127.0.0.1:{free_port()}" for _ in range(self.workers))
+        self.hosts = [f"127.0.0.1:{free_port()}" for _ in range(self.workers)]
+        hosts = ",".join(self.hosts)
         attempt = len(self.attempts)
         os.makedirs(self.scratch, exist_ok=True)
         self.processes = []

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import start_trainer
+from conftest import ROOT, start_trainer
 from gcs import free_port
 from trainer.config import ConfigError, RuntimeConfig
 from trainer.cluster import INDEX_ENV, WORKERS_ENV, configure_cluster, tf_config
@@ -96,6 +98,7 @@ _RELAYED = ('Collective ops is aborted by: x\nAdditional GRPC error information 
     (2, "The following tasks are unhealthy (stopped sending heartbeats):\n/job:worker/replica:0/task:1\nThe", 1),
     (1, "Deadline Exceeded\n\nRPC: /tensorflow.CoordinationService/Heartbeat", 0),  # the service's host froze
     (0, "Error reported from /job:worker/task:2: something", 2),
+    (1, "Error reported from /job:worker/task:0: worker 0: lost worker 2 (c:3); the group must restart", 2),  # told
     (0, "Socket closed", None),
 ])
 def test_the_lost_peer_is_named_from_tensorflows_error(me, message, lost):
@@ -122,3 +125,32 @@ def test_the_probe_decides_between_the_peers_an_error_names():
     reported = "Error reported from /job:worker/task:0: Collective ops is aborted by: x"
     assert lost_peer(reported, cluster, unreachable=[0, 2], dead=[0, 2]) == "worker 2 (c:3)"
     assert lost_peer(reported, cluster, unreachable=[0], dead=[0]) == "worker 0 (a:1)"  # none else gone: the named
+    # Worker 0 told the group it lost worker 2 and has exited since: what it told outweighs the failed heartbeat.
+    told = f"Error reported from /job:worker/task:0: worker 0: lost worker 2 (c:3); the group ... {heartbeat}"
+    assert lost_peer(told, cluster, unreachable=[0, 2], dead=[0, 2]) == "worker 2 (c:3)"
+
+
+
+def test_a_survivor_that_meets_the_loss_late_still_names_the_lost_worker(tmp_path):
+    # Seen in CI: a survivor busy outside the collective that failed noticed only after worker 0 (which had
+    # reported the loss) exited; with both gone, it blamed worker 0. Worker 0 now tells the group whom it lost.
+    hosts = [f"127.0.0.1:{free_port()}" for _ in range(3)]
+    script = os.path.join(os.path.dirname(__file__), "peer_worker.py")
+    workers = [subprocess.Popen([sys.executable, script, str(tmp_path)], cwd=ROOT, text=True,
+                                stdout=subprocess.PIPE, stderr=open(tmp_path / f"worker{i}.stderr", "w"),
+                                env={**os.environ, WORKERS_ENV: ",".join(hosts), INDEX_ENV: str(i)})
+               for i in range(3)]
+    logs = lambda: {i: (tmp_path / f"worker{i}.stderr").read_text()[-1500:] for i in range(3)}  # noqa: E731
+    try:
+        workers[2].wait(timeout=120)
+        (tmp_path / "dead").touch()
+        first, _ = workers[0].communicate(timeout=60)
+        (tmp_path / "go").touch()
+        late, _ = workers[1].communicate(timeout=60)
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert first.strip() == f"worker 0: lost worker 2 ({hosts[2]}); the group must restart (from the last checkpoint)", \
+        logs()
+    assert late.strip() == f"worker 1: lost worker 2 ({hosts[2]}); the group must restart (from the last checkpoint)", \
+        logs()

@@ -80,7 +80,7 @@ def test_a_group_survives_a_lost_worker(trial, workers, fault, victim, concurren
         assert survivor.code == EXIT_PEER_LOST, (context, survivor.stderr[-2000:])
         assert survivor.seconds - faulted["at"] < BOUND, (context, survivor.seconds - faulted["at"])
         assert len(lines) == 1 and lines[0] == survivor.stderr.rstrip().splitlines()[-1], (context, lines)
-        assert f"lost worker {victim} (127.0.0.1:" in lines[0], (context, lines)
+        assert f"lost worker {victim} (127.0.0.1:" in lines[0], (context, survivor.index, survivor.stderr[-4000:])
     expected_action = {"kill": "RestartJobSet", "freeze": "RestartJobSetAndIgnoreMaxRestarts",
                        "sigterm": "RestartJobSetAndIgnoreMaxRestarts"}[fault]
     assert first.action == expected_action, (context, [(e.index, e.code) for e in first.exits])
@@ -111,3 +111,4 @@ def test_a_worker_whose_peers_never_come_waits_a_bounded_time(bucket, data_dir, 
         assert error_lines(worker.stderr) == [
             f"error: worker {worker.index}: not every worker joined within --startup-timeout 15 s; "
             "the group must restart"], worker.stderr[-2000:]
+

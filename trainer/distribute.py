@@ -48,6 +48,9 @@ _UNHEALTHY = re.compile(r"unhealthy[^\n]*\n\s*/job:worker/replica:\d+/task:(\d+)
 _REMOTE = re.compile(r"(\\*)n?Additional GRPC error information from remote target /job:worker/replica:\d+/task:(\d+)")
 _REPORTER = re.compile(r"reported from /job:worker/(?:replica:\d+/)?task:(\d+)")
 _TO_LEADER = "CoordinationService/Heartbeat"
+# A survivor tells the group whom it lost (see peer_failures); a slower survivor then reads the verdict in its
+# own error, after the teller may have exited.
+_TOLD = re.compile(r"(?:lost |, )worker (\d+) \(")
 # A live peer under load (the other survivors commit and flush at that moment) can take seconds to answer: with
 # 2 s, a busy worker 0 was taken for the lost one on a loaded 2-core machine.
 _PROBE_SECONDS = 5.0
@@ -83,7 +86,8 @@ def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[in
     have exited itself (survivors hold their exit for PEER_LOST_HOLD, but a slow survivor probes later)."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
     deepest = sorted(((-len(quoting), int(task)) for quoting, task in _REMOTE.findall(message)), key=lambda m: m[0])
-    blamed = [int(i) for i in _UNHEALTHY.findall(message)] + [task for _, task in deepest]
+    blamed = [int(i) for i in _TOLD.findall(message)] + [int(i) for i in _UNHEALTHY.findall(message)]
+    blamed += [task for _, task in deepest]
     if _TO_LEADER in message:  # our heartbeats to the service on worker 0 went unanswered
         blamed.append(0)
     reporters = [int(i) for i in _REPORTER.findall(message)]
@@ -98,6 +102,16 @@ def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[in
             break
     lost = lost or named[:1]
     return ", ".join(f"worker {i} ({workers[i]})" for i in lost) or "a peer"
+
+
+def _tell_the_group(message: str) -> None:
+    """Report a lost peer through the coordination service (on worker 0, which answered the probe): it aborts
+    every survivor's collectives with this message at once. A survivor whose collective does not involve the
+    lost peer would otherwise wait until worker 0 exits, and then take worker 0 for the lost one."""
+    try:
+        tf_context.context().report_error_to_cluster(tf.errors.UNAVAILABLE, message)
+    except (tf.errors.OpError, ValueError):  # the service already holds an error (another survivor told it)
+        pass
 
 
 def multi_worker(strategy: tf.distribute.Strategy) -> bool:
@@ -126,9 +140,14 @@ def peer_failures(cluster: Mapping[str, Any] | None, what: str = "",
         yield
     except _PEER_ERRORS as error:
         me = cluster["task"]["index"]
-        # Probe before on_lost: the other survivors are still up now, and on_lost may take a while.
-        message = what or (f"worker {me}: lost {lost_peer(str(error), cluster, *unreachable_peers(cluster))}; "
-                           "the group must restart (from the last checkpoint)")
+        message = what
+        if not message:
+            # Probe before on_lost: the other survivors are still up now, and on_lost may take a while.
+            unreachable, dead = unreachable_peers(cluster)
+            lost = lost_peer(str(error), cluster, unreachable, dead)
+            message = f"worker {me}: lost {lost}; the group must restart (from the last checkpoint)"
+            if 0 not in unreachable and not lost.startswith("worker 0 "):
+                _tell_the_group(message)
         if on_lost is not None:
             on_lost()
         raise PeerLost(message) from error

@@ -79,9 +79,21 @@ def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECOND
 
 def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = (),
               dead: Sequence[int] = ()) -> str:
-    """'worker N (host:port)' for the peer that was lost: of the peers the probe found dead, the first that
+    """'worker N (host:port)' for the peer lost_workers names; 'a peer' if nothing tells."""
+    return _named(lost_workers(message, cluster, unreachable, dead), cluster)
+
+
+def _named(indexes: Sequence[int], cluster: Mapping[str, Any]) -> str:
+    """'worker N (host:port), ...' (what _TOLD reads back); 'a peer' for none."""
+    workers = cluster["cluster"]["worker"]
+    return ", ".join(f"worker {i} ({workers[i]})" for i in indexes) or "a peer"
+
+
+def lost_workers(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = (),
+                 dead: Sequence[int] = ()) -> list[int]:
+    """The index of the peer that was lost: of the peers the probe found dead, the first that
     TensorFlow's error blames (most specific first), else the dead ones; else the same with those that only did
-    not answer in time (a live peer under load can be slow); else the first named; 'a peer' if nothing tells.
+    not answer in time (a live peer under load can be slow); else the first named; none if nothing tells.
     A peer that only reported the abort was up when it did, so it comes last: by the time of the probe it may
     have exited itself (survivors hold their exit for PEER_LOST_HOLD, but a slow survivor probes later)."""
     me, workers = cluster["task"]["index"], cluster["cluster"]["worker"]
@@ -100,8 +112,7 @@ def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[in
             or list(found)
         if lost:
             break
-    lost = lost or named[:1]
-    return ", ".join(f"worker {i} ({workers[i]})" for i in lost) or "a peer"
+    return lost or named[:1]
 
 
 def _tell_the_group(message: str) -> None:
@@ -144,9 +155,9 @@ def peer_failures(cluster: Mapping[str, Any] | None, what: str = "",
         if not message:
             # Probe before on_lost: the other survivors are still up now, and on_lost may take a while.
             unreachable, dead = unreachable_peers(cluster)
-            lost = lost_peer(str(error), cluster, unreachable, dead)
-            message = f"worker {me}: lost {lost}; the group must restart (from the last checkpoint)"
-            if 0 not in unreachable and not lost.startswith("worker 0 "):
+            lost = lost_workers(str(error), cluster, unreachable, dead)
+            message = f"worker {me}: lost {_named(lost, cluster)}; the group must restart (from the last checkpoint)"
+            if 0 not in unreachable and 0 not in lost:
                 _tell_the_group(message)
         if on_lost is not None:
             on_lost()

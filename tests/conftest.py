@@ -60,6 +60,11 @@ def mnist(data_dir: str) -> dict:
     return {split: load_split(config, split) for split in ("train", "test")}
 
 
+def one_line(commands: str) -> str:
+    """Shell commands (as `make -n` prints them) as one line of words, line continuations dropped."""
+    return " ".join(word for word in commands.split() if word != "\\")
+
+
 def run_cli(*args: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run `python -m trainer ARGS` in a fresh process (environment: ours, updated by `env`)."""
     return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=ROOT, capture_output=True,

@@ -13,6 +13,7 @@ import sys
 import time
 from typing import Callable
 
+from conftest import ROOT
 from gcs import free_port
 from jobset_policy import job_failure, jobset_action
 from trainer.cluster import INDEX_ENV, WORKERS_ENV
@@ -31,7 +32,6 @@ def pod_env(container: dict, namespace: str = "default") -> dict[str, str]:
     return env
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRACE = 10.0  # seconds between SIGTERM and SIGKILL when the group is torn down (terminationGracePeriodSeconds)
 
 
@@ -68,13 +68,11 @@ class Group:
         self.pod_env = pod_env(pod["containers"][0])  # the same in every attempt: the JobSet keeps its name
         self.attempts: list[Attempt] = []
         self.processes: list[subprocess.Popen] = []
-        self.hosts: list[str] = []  # the current attempt's worker addresses
         self.started = 0.0
 
     def start(self) -> None:
         """Start every worker of a new attempt (fresh addresses and scratch, like new pods)."""
-        self.hosts = [f"127.0.0.1:{free_port()}" for _ in range(self.workers)]
-        hosts = ",".join(self.hosts)
+        hosts = ",".join(f"127.0.0.1:{free_port()}" for _ in range(self.workers))
         attempt = len(self.attempts)
         os.makedirs(self.scratch, exist_ok=True)
         self.processes = []

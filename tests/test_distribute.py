@@ -130,17 +130,17 @@ def test_the_probe_decides_between_the_peers_an_error_names():
     assert lost_peer(told, cluster, unreachable=[0, 2], dead=[0, 2]) == "worker 2 (c:3)"
 
 
-
 def test_a_survivor_that_meets_the_loss_late_still_names_the_lost_worker(tmp_path):
     # Seen in CI: a survivor busy outside the collective that failed noticed only after worker 0 (which had
     # reported the loss) exited; with both gone, it blamed worker 0. Worker 0 now tells the group whom it lost.
     hosts = [f"127.0.0.1:{free_port()}" for _ in range(3)]
     script = os.path.join(os.path.dirname(__file__), "peer_worker.py")
-    workers = [subprocess.Popen([sys.executable, script, str(tmp_path)], cwd=ROOT, text=True,
-                                stdout=subprocess.PIPE, stderr=open(tmp_path / f"worker{i}.stderr", "w"),
-                                env={**os.environ, WORKERS_ENV: ",".join(hosts), INDEX_ENV: str(i)})
-               for i in range(3)]
-    logs = lambda: {i: (tmp_path / f"worker{i}.stderr").read_text()[-1500:] for i in range(3)}  # noqa: E731
+    workers = []
+    for i in range(3):
+        with open(tmp_path / f"worker{i}.stderr", "w") as stderr:  # the child keeps its own copy
+            workers.append(subprocess.Popen([sys.executable, script, str(tmp_path)], cwd=ROOT, text=True,
+                                            stdout=subprocess.PIPE, stderr=stderr,
+                                            env={**os.environ, WORKERS_ENV: ",".join(hosts), INDEX_ENV: str(i)}))
     try:
         workers[2].wait(timeout=120)
         (tmp_path / "dead").touch()
@@ -150,7 +150,8 @@ def test_a_survivor_that_meets_the_loss_late_still_names_the_lost_worker(tmp_pat
     finally:
         for worker in workers:
             worker.kill()
+    logs = {i: (tmp_path / f"worker{i}.stderr").read_text()[-1500:] for i in range(3)}
     assert first.strip() == f"worker 0: lost worker 2 ({hosts[2]}); the group must restart (from the last checkpoint)", \
-        logs()
+        logs
     assert late.strip() == f"worker 1: lost worker 2 ({hosts[2]}); the group must restart (from the last checkpoint)", \
-        logs()
+        logs

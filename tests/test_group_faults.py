@@ -111,4 +111,3 @@ def test_a_worker_whose_peers_never_come_waits_a_bounded_time(bucket, data_dir, 
         assert error_lines(worker.stderr) == [
             f"error: worker {worker.index}: not every worker joined within --startup-timeout 15 s; "
             "the group must restart"], worker.stderr[-2000:]
-

@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, needs_offline_copy, run_cli
+from conftest import ROOT, needs_offline_copy, one_line, run_cli
 from gcs import free_port
 
 CACHE = os.environ.get("IMAGE_TEST_CACHE", "/var/cache/mnist-trainer-tests")
@@ -187,7 +187,7 @@ def test_without_a_docker_engine_make_image_uses_podman_and_builds_the_same_imag
     local = _run([*make, "-n", "-o", "image", "local", "LOCAL_USER=4321:4321", "OUTPUT_DIR=/somewhere", "RUN=p",
                   "LOCAL_GPUS=0"], cwd=ROOT, env=podman_env).stdout
     assert (f"podman run --rm --shm-size 2g --user 4321:4321 -v /somewhere:/runs {image} train --output-dir /runs"
-            in " ".join(word for word in local.split() if word != "\\"))
+            in one_line(local))
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT, one_line
 
 
 def _make(*args: str, path: str | None = None) -> subprocess.CompletedProcess:
@@ -42,7 +42,7 @@ def test_submit_pushes_to_the_registry_and_trains_into_the_bucket():
     commands = _make("-n", "submit", "REGISTRY=registry.example/team/mnist", "BUCKET=my-runs", "CONTAINER=docker",
                      "TAG=v1", "GPUS=4").stdout
     assert "docker push registry.example/team/mnist/mnist-trainer:v1" in commands
-    launch = " ".join(word for word in commands.split() if word != "\\")
+    launch = one_line(commands)
     assert ("-m trainer.launch --namespace default submit --image registry.example/team/mnist/mnist-trainer:v1 "
             "--output-dir gs://my-runs/runs --gpus 4 --workers 1") in launch
 

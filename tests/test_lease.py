@@ -15,7 +15,7 @@ import time
 import pytest
 from google.cloud import storage
 
-from conftest import ROOT, error_lines, start_trainer, wait_until
+from conftest import ROOT, error_lines, run_cli, start_trainer, wait_until
 from trainer.config import EXIT_INTERRUPTED, EXIT_LEASED
 from trainer.lease import LEASE
 from trainer.storage import Conflict, GCSStore, LocalStore
@@ -98,6 +98,36 @@ def test_a_second_trainer_is_refused_while_the_first_trains(data_dir, tmp_path):
     assert json.load(open(f"{output}/r/metrics.json"))["steps"] == 1200
     record = _lease(output, "r")
     assert record["released"] is True and record["holder"].endswith(f"pid {first.pid}")
+
+
+def test_a_second_trainer_of_a_run_on_this_machine_is_refused_by_the_run_not_its_scratch(data_dir, tmp_path):
+    """On one machine two trainers of one run share its default scratch folder, which the first locks before it
+    takes the lease: the second is told of the run's trainer (exit 73), not sent to find another scratch folder."""
+    from trainer.config import config_from_args
+    from trainer.lease import Lease
+    from trainer.run_dir import ScratchLock, scratch_folder
+
+    output = str(tmp_path / "runs")
+    args = [*TRAIN, "--output-dir", output, "--run", "r", "--data-dir", data_dir]
+    lock = ScratchLock(scratch_folder(config_from_args({"output_dir": output, "run": "r"})))  # a trainer starting
+    try:
+        result = run_cli(*args)
+        assert result.returncode == EXIT_LEASED and result.stdout == "", result.stderr[-2000:]
+        assert error_lines(result.stderr) == [f"error: run {output}/r is being started by another trainer on this "
+                                              f"machine (process {os.getpid()}); wait for it to end, or give another "
+                                              "--run"]
+        lease = Lease(LocalStore(f"{output}/r"), 30.0, None, lock.identity, log=lambda line: None).acquire()
+        try:
+            result = run_cli(*args)  # now the lease names it
+            assert result.returncode == EXIT_LEASED, result.stderr[-2000:]
+            assert re.fullmatch(rf"error: run {re.escape(output)}/r is being trained by \S+ pid {os.getpid()}; its "
+                                r"lease runs until .* unless renewed; wait for it to end, or give another --run\n",
+                                result.stderr), result.stderr
+        finally:
+            lease.release()
+    finally:
+        lock.release()
+    assert [name for name in os.listdir(f"{output}/r") if not name.startswith(".")] == [LEASE]  # nothing else written
 
 
 def test_a_restarted_attempt_of_the_same_job_waits_for_a_dead_holder_and_takes_over(bucket, data_dir, tmp_path):

@@ -64,6 +64,23 @@ def _parse(data: bytes | None) -> dict[str, Any] | None:
         return None  # unreadable: nobody can renew it, so it is free (written over conditionally)
 
 
+def _held(url: str, record: dict[str, Any]) -> LeaseHeld:
+    left = max(0, round(float(record["expires"]) - time.time()))
+    return LeaseHeld(f"run {url} is being trained by {holder_of(record)}; its lease runs until "
+                     f"{_clock(float(record['expires']))} (in {left} s) unless renewed; wait for it to end, or give "
+                     "another --run")
+
+
+def held_here(store: Store, process: str) -> LeaseHeld:
+    """The refusal of a run that `process`, a trainer on this machine, holds the scratch folder of: naming the
+    lease's holder once that trainer has taken it (it takes it after locking its scratch)."""
+    record = _parse(store.read(LEASE))
+    if record is None or record.get("released"):
+        return LeaseHeld(f"run {store.url} is being started by another trainer on this machine ({process}); wait "
+                         "for it to end, or give another --run")
+    return _held(store.url, record)
+
+
 class Lease:
     """This trainer's claim on a run: acquired (or refused), renewed in the background, checked before writes."""
 
@@ -100,10 +117,7 @@ class Lease:
                 self._thread.start()
                 return self
             if self.job is None or record.get("job") != self.job:
-                left = max(0, round(float(record["expires"]) - time.time()))
-                raise LeaseHeld(f"run {self.store.url} is being trained by {holder_of(record)}; its lease runs "
-                                f"until {_clock(float(record['expires']))} (in {left} s) unless renewed; wait for "
-                                "it to end, or give another --run")
+                raise _held(self.store.url, record)
             if not waiting:
                 self.log(f"run {self.store.url}: waiting for the lease of an earlier attempt of this job, "
                          f"{holder_of(record)}, to end; it expires by {_clock(float(record['expires']))}")

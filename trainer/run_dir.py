@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from trainer.cluster import Task
 from trainer.config import Config, ConfigError, config_from_dict, resume_conflicts, resumed
-from trainer.lease import Lease
+from trainer.lease import Lease, held_here
 from trainer.storage import Store, open_store, partial_path
 
 CONFIG = "config.json"
@@ -168,6 +168,14 @@ def _unwritable(folder: RunFolder, error: OSError) -> ConfigError:
                        "give --scratch-dir a folder you can write")
 
 
+class ScratchBusy(ConfigError):
+    """Another live trainer holds the scratch folder's lock."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 class ScratchLock:
     """An exclusive lock on a scratch folder (a locked file beside it) for as long as a trainer uses it: no
     other trainer empties or writes a scratch folder a live one holds. The kernel drops it when the holder dies."""
@@ -184,8 +192,8 @@ class ScratchLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 100, 0).decode(errors="replace").strip() or "?"
             self.release()
-            raise ConfigError(f"scratch folder {folder.root} is in use by another trainer (process {holder}); "
-                              "give this one another --scratch-dir") from None
+            raise ScratchBusy(f"scratch folder {folder.root} is in use by another trainer (process {holder}); "
+                              "give this one another --scratch-dir", f"process {holder}") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         stat = os.fstat(self._fd)
@@ -292,7 +300,13 @@ def open_for_training(config: Config, task: Task = Task(), given: set[str] | Non
     store = open_store(where, min(60.0, config.run.store_timeout))
     store.check()
     local = scratch_folder(config)
-    lock = ScratchLock(local)
+    try:
+        lock = ScratchLock(local)
+    except ScratchBusy as busy:
+        if config.run.scratch_dir:
+            raise
+        # The default folder is this store's and run's own: another trainer here is training this very run.
+        raise held_here(store, busy.holder) from None
     lease = None
     try:
         config = _settings(config, given, store)  # before the lease: a refused resume writes nothing

@@ -141,7 +141,8 @@ local: image
 ifeq ($(CONTAINER),buildah)
 	ctr=$$($(BUILDAH) from $(IMAGE):$(TAG)) && trap '$(BUILDAH) rm '$$ctr' >/dev/null' EXIT && \
 	  $(BUILDAH) run --isolation chroot --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs $$ctr -- \
-	  python -m trainer $(LOCAL_ARGS)
+	  $$($(BUILDAH) inspect --type container --format '{{range .OCIv1.Config.Entrypoint}}{{.}} {{end}}' $$ctr) \
+	  $(LOCAL_ARGS)
 else
 	$(CONTAINER) run --rm --shm-size 2g --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs \
 	  $(if $(filter-out 0,$(LOCAL_GPUS)),$(if $(filter podman,$(CONTAINER)),--device nvidia.com/gpu=all,--gpus all)) \

@@ -3,8 +3,10 @@ so MirroredStrategy runs with two replicas on machines without GPUs."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -58,6 +60,12 @@ def mnist(data_dir: str) -> dict:
 
     config = DataConfig(dataset="mnist", data_dir=data_dir, data_source="idx")
     return {split: load_split(config, split) for split in ("train", "test")}
+
+
+def image_entrypoint() -> list[str]:
+    """The ENTRYPOINT of docker/Dockerfile (its exec form)."""
+    with open(os.path.join(ROOT, "docker", "Dockerfile")) as f:
+        return json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", f.read(), re.M).group(1))
 
 
 def one_line(commands: str) -> str:

@@ -13,7 +13,8 @@ import time
 import pytest
 from PIL import Image
 
-from conftest import ROOT, catches_sigterm, checkpoint_steps, error_lines, run_cli, start_trainer, wait_until
+from conftest import (ROOT, catches_sigterm, checkpoint_steps, error_lines, image_entrypoint, run_cli, start_trainer,
+                      wait_until)
 from trainer.config import config_from_args
 
 
@@ -182,6 +183,52 @@ def test_a_sigterm_the_launcher_held_back_reaches_the_trainer_and_ends_other_com
         _, stderr = process.communicate(timeout=120)
         assert process.returncode == code, stderr[-2000:]
     assert error_lines(stderr) == [], stderr  # evaluate: ended by the signal before it looked for the run
+
+
+def _stopped_while_starting(process: subprocess.Popen) -> int:
+    """The PID of `process`'s child (the first process of a PID namespace `unshare --fork` made), stopped
+    (SIGSTOP) once it runs the interpreter: within milliseconds of its start, before the trainer takes SIGTERM."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{process.pid}/task/{process.pid}/children") as f:
+                child = int(f.read().split()[0])
+            if "python" in os.path.basename(os.readlink(f"/proc/{child}/exe")):
+                os.kill(child, signal.SIGSTOP)
+                return child
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.0002)
+    raise AssertionError("the trainer did not start")
+
+
+@pytest.mark.skipif(subprocess.run(["unshare", "--pid", "--fork", "true"], capture_output=True).returncode != 0,
+                    reason="making a PID namespace (`unshare --pid`) needs root here")
+def test_the_images_entrypoint_keeps_a_sigterm_that_pid_1_gets_while_starting(tmp_path, data_dir):
+    """As a container's first process (PID 1 of its PID namespace, as in a pod), a SIGTERM from outside that
+    arrives while the interpreter starts is dropped by the kernel (no handler yet): started plainly, the trainer
+    trains on to the end. Started by the image's ENTRYPOINT, which blocks the signal until the trainer takes it,
+    the same signal stops it with 75 at once."""
+    environment = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    plain = ["python", "-m", "trainer"]
+    entrypoint = image_entrypoint()
+    assert entrypoint[-len(plain):] == plain
+    for start, code in ((plain, 0), (entrypoint, 75)):
+        process = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", *start, *_small_run(data_dir),
+                                    "--output-dir", str(tmp_path), "--run", start[0]],
+                                   cwd=ROOT, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            pid = _stopped_while_starting(process)
+            assert not catches_sigterm(pid)  # stopped before the trainer's handler
+            os.kill(pid, signal.SIGTERM)
+            os.kill(pid, signal.SIGCONT)
+            _, stderr = process.communicate(timeout=300)
+        finally:
+            process.kill()
+            process.wait()
+        assert process.returncode == code, (start, stderr[-2000:])
+        if code == 75:
+            assert error_lines(stderr)[0].startswith("error: interrupted by SIGTERM"), stderr[-2000:]
 
 
 def _small_run(data_dir: str) -> list[str]:

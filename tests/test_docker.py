@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, image_entrypoint
 
 DOCKERFILE = os.path.join(ROOT, "docker", "Dockerfile")
 
@@ -25,7 +25,7 @@ def test_image_is_pinned_non_root_and_runs_the_trainer():
     assert re.fullmatch(r"tensorflow/tensorflow:2\.21\.\d+-gpu", tag)  # the tag, beside its pin (`make pin-base`)
     assert base == tag or re.fullmatch(r"tensorflow/tensorflow@sha256:[0-9a-f]{64}", base)
     assert re.search(r"^USER [1-9]\d*:[1-9]\d*$", text, re.M)
-    assert 'ENTRYPOINT ["python", "-m", "trainer"]' in text
+    assert image_entrypoint() == ["env", "--block-signal=TERM", "python", "-m", "trainer"]  # see test_cli
     # The data, then the dependencies, then the code: a code change reuses the dependency and data layers.
     assert text.index("COPY build/data") < text.index("COPY setup.py") < text.index("pip install --no-cache-dir -c") \
         < text.index("COPY trainer/")

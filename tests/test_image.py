@@ -22,7 +22,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, needs_offline_copy, one_line, run_cli
+from conftest import ROOT, image_entrypoint, needs_offline_copy, one_line, run_cli
 from gcs import free_port
 
 CACHE = os.environ.get("IMAGE_TEST_CACHE", "/var/cache/mnist-trainer-tests")
@@ -136,8 +136,12 @@ def test_the_image_trains_a_run_that_the_host_evaluates(image, tmp_path, data_di
     runs = _writable_folder(tmp_path / "runs")
     container = _run([*buildah(), "from", image]).stdout.strip()
     try:
+        # `buildah run` takes a command, not the image's: its ENTRYPOINT, as the image records it, comes first.
+        entrypoint = _run([*buildah(), "inspect", "--type", "container", "--format",
+                           "{{range .OCIv1.Config.Entrypoint}}{{.}} {{end}}", container]).stdout.split()
+        assert entrypoint == image_entrypoint()
         result = subprocess.run([*buildah(), "run", "--isolation", "chroot", "--user", "1000:1000", "-v",
-                                 f"{runs}:/runs", container, "--", "python", "-m", "trainer", *TRAIN, "--run", "img"],
+                                 f"{runs}:/runs", container, "--", *entrypoint, *TRAIN, "--run", "img"],
                                 capture_output=True, text=True, timeout=900)
     finally:
         subprocess.run([*buildah(), "rm", container], capture_output=True)

@@ -15,7 +15,7 @@ from conftest import ROOT, start_trainer
 from gcs import free_port
 from trainer.config import ConfigError, RuntimeConfig
 from trainer.cluster import INDEX_ENV, WORKERS_ENV, configure_cluster, tf_config
-from trainer.distribute import lost_peer, make_strategy
+from trainer.distribute import lost_workers, make_strategy
 
 
 def test_tf_config_from_the_launchers_environment(monkeypatch):
@@ -103,31 +103,30 @@ _RELAYED = ('Collective ops is aborted by: x\nAdditional GRPC error information 
 ])
 def test_the_lost_peer_is_named_from_tensorflows_error(me, message, lost):
     cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": me}}
-    assert lost_peer(message, cluster) == (f"worker {lost} ({'abc'[lost]}:{lost + 1})" if lost is not None
-                                           else "a peer")
+    assert lost_workers(message, cluster) == ([] if lost is None else [lost])
 
 
 def test_the_probe_decides_between_the_peers_an_error_names():
     cluster = {"cluster": {"worker": ["a:1", "b:2", "c:3"]}, "task": {"type": "worker", "index": 1}}
     relayed = _RELAYED.replace("task:1 while", "task:0 while").replace("task:2 while", "task:2 while")
-    assert lost_peer(relayed, cluster, unreachable=[0, 2]) == "worker 0 (a:1)"  # named deepest and unreachable
+    assert lost_workers(relayed, cluster, unreachable=[0, 2]) == [0]  # named deepest and unreachable
     # Worker 0 reported the abort (so it was alive); the probe found worker 2 gone.
-    assert lost_peer("Error reported from /job:worker/task:0: x", cluster, unreachable=[2]) == "worker 2 (c:3)"
-    assert lost_peer("Error reported from /job:worker/task:0: x", cluster) == "worker 0 (a:1)"  # probe found none
-    assert lost_peer("Socket closed", cluster, unreachable=[2]) == "worker 2 (c:3)"
-    assert lost_peer("Socket closed", cluster, unreachable=[0, 2]) == "worker 0 (a:1), worker 2 (c:3)"
+    assert lost_workers("Error reported from /job:worker/task:0: x", cluster, unreachable=[2]) == [2]
+    assert lost_workers("Error reported from /job:worker/task:0: x", cluster) == [0]  # probe found none
+    assert lost_workers("Socket closed", cluster, unreachable=[2]) == [2]
+    assert lost_workers("Socket closed", cluster, unreachable=[0, 2]) == [0, 2]
     # Worker 0, busy, answered the probe too late; worker 2 refused it: it is the one that died.
     heartbeat = "Error reported from /job:worker/task:0: CoordinationService/Heartbeat failed"
-    assert lost_peer(heartbeat, cluster, unreachable=[0, 2], dead=[2]) == "worker 2 (c:3)"
-    assert lost_peer(heartbeat, cluster, unreachable=[0, 2]) == "worker 0 (a:1)"  # both silent: the named one
+    assert lost_workers(heartbeat, cluster, unreachable=[0, 2], dead=[2]) == [2]
+    assert lost_workers(heartbeat, cluster, unreachable=[0, 2]) == [0]  # both silent: the named one
     # Worker 0 reported the abort, then exited before this slower survivor probed: worker 2 is still the lost one
     # (seen once in the group fault trials).
     reported = "Error reported from /job:worker/task:0: Collective ops is aborted by: x"
-    assert lost_peer(reported, cluster, unreachable=[0, 2], dead=[0, 2]) == "worker 2 (c:3)"
-    assert lost_peer(reported, cluster, unreachable=[0], dead=[0]) == "worker 0 (a:1)"  # none else gone: the named
+    assert lost_workers(reported, cluster, unreachable=[0, 2], dead=[0, 2]) == [2]
+    assert lost_workers(reported, cluster, unreachable=[0], dead=[0]) == [0]  # none else gone: the named
     # Worker 0 told the group it lost worker 2 and has exited since: what it told outweighs the failed heartbeat.
     told = f"Error reported from /job:worker/task:0: worker 0: lost worker 2 (c:3); the group ... {heartbeat}"
-    assert lost_peer(told, cluster, unreachable=[0, 2], dead=[0, 2]) == "worker 2 (c:3)"
+    assert lost_workers(told, cluster, unreachable=[0, 2], dead=[0, 2]) == [2]
 
 
 def test_a_survivor_that_meets_the_loss_late_still_names_the_lost_worker(tmp_path):

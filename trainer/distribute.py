@@ -77,12 +77,6 @@ def unreachable_peers(cluster: Mapping[str, Any], timeout: float = _PROBE_SECOND
     return lost, dead
 
 
-def lost_peer(message: str, cluster: Mapping[str, Any], unreachable: Sequence[int] = (),
-              dead: Sequence[int] = ()) -> str:
-    """'worker N (host:port)' for the peer lost_workers names; 'a peer' if nothing tells."""
-    return _named(lost_workers(message, cluster, unreachable, dead), cluster)
-
-
 def _named(indexes: Sequence[int], cluster: Mapping[str, Any]) -> str:
     """'worker N (host:port), ...' (what _TOLD reads back); 'a peer' for none."""
     workers = cluster["cluster"]["worker"]

@@ -113,7 +113,7 @@ def test_a_second_trainer_of_a_run_on_this_machine_is_refused_by_the_run_not_its
     try:
         result = run_cli(*args)
         assert result.returncode == EXIT_LEASED and result.stdout == "", result.stderr[-2000:]
-        assert error_lines(result.stderr) == [f"error: run {output}/r is being started by another trainer on this "
+        assert error_lines(result.stderr) == [f"error: run {output}/r is in use by another trainer on this "
                                               f"machine (process {os.getpid()}); wait for it to end, or give another "
                                               "--run"]
         lease = Lease(LocalStore(f"{output}/r"), 30.0, None, lock.identity, log=lambda line: None).acquire()

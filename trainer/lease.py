@@ -76,7 +76,7 @@ def held_here(store: Store, process: str) -> LeaseHeld:
     lease's holder once that trainer has taken it (it takes it after locking its scratch)."""
     record = _parse(store.read(LEASE))
     if record is None or record.get("released"):
-        return LeaseHeld(f"run {store.url} is being started by another trainer on this machine ({process}); wait "
+        return LeaseHeld(f"run {store.url} is in use by another trainer on this machine ({process}); wait "
                          "for it to end, or give another --run")
     return _held(store.url, record)
 

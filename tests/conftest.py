@@ -26,6 +26,7 @@ REPLICAS = 2
 split_cpu(REPLICAS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCKERFILE = os.path.join(ROOT, "docker", "Dockerfile")
 # The fault trials' seeds (FAULT_SEED=S or RUN_FAULT_SEED=S repeats a set), drawn once per session: pytest-xdist's
 # workers inherit this environment, and every worker must draw the same parametrized trials.
 for _seed in ("FAULT_SEED", "RUN_FAULT_SEED"):
@@ -64,7 +65,7 @@ def mnist(data_dir: str) -> dict:
 
 def image_entrypoint() -> list[str]:
     """The ENTRYPOINT of docker/Dockerfile (its exec form)."""
-    with open(os.path.join(ROOT, "docker", "Dockerfile")) as f:
+    with open(DOCKERFILE) as f:
         return json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", f.read(), re.M).group(1))
 
 

@@ -7,9 +7,7 @@ import re
 import subprocess
 import sys
 
-from conftest import ROOT, image_entrypoint
-
-DOCKERFILE = os.path.join(ROOT, "docker", "Dockerfile")
+from conftest import DOCKERFILE, image_entrypoint
 
 
 def test_hadolint_passes():
@@ -34,7 +32,7 @@ def test_image_is_pinned_non_root_and_runs_the_trainer():
     after = len(instructions) - 1 - max(i for i, word in enumerate(instructions) if word == "RUN")
     assert after <= 2, instructions
     assert "TRAINER_DATA_DIR=/opt/data" in text
-    ignore = open(os.path.join(ROOT, "docker", "Dockerfile.dockerignore")).read().splitlines()
+    ignore = open(DOCKERFILE + ".dockerignore").read().splitlines()
     assert "**" in ignore
     copied = [source for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for source in line.split()]
     assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "docker/constraints.txt", "build/data/idx/",

@@ -169,11 +169,12 @@ def _unwritable(folder: RunFolder, error: OSError) -> ConfigError:
 
 
 class ScratchBusy(ConfigError):
-    """Another live trainer holds the scratch folder's lock."""
+    """Another live trainer (`holder`: 'process PID') holds the scratch folder's lock."""
 
-    def __init__(self, message: str, holder: str) -> None:
-        super().__init__(message)
-        self.holder = holder
+    def __init__(self, folder: RunFolder, pid: str) -> None:
+        self.holder = f"process {pid}"
+        super().__init__(f"scratch folder {folder.root} is in use by another trainer ({self.holder}); give this one "
+                         "another --scratch-dir")
 
 
 class ScratchLock:
@@ -192,8 +193,7 @@ class ScratchLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 100, 0).decode(errors="replace").strip() or "?"
             self.release()
-            raise ScratchBusy(f"scratch folder {folder.root} is in use by another trainer (process {holder}); "
-                              "give this one another --scratch-dir", f"process {holder}") from None
+            raise ScratchBusy(folder, holder) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
         stat = os.fstat(self._fd)

@@ -16,8 +16,9 @@ import pytest
 from google.cloud import storage
 
 from conftest import ROOT, error_lines, run_cli, start_trainer, wait_until
-from trainer.config import EXIT_INTERRUPTED, EXIT_LEASED
-from trainer.lease import LEASE
+from trainer.config import EXIT_INTERRUPTED, EXIT_LEASED, config_from_args
+from trainer.lease import LEASE, Lease
+from trainer.run_dir import ScratchLock, scratch_folder
 from trainer.storage import Conflict, GCSStore, LocalStore
 
 TRAIN = ["train", "--model", "mlp300", "--batch-size", "100", "--steps-per-loop", "20", "--data-source", "idx"]
@@ -103,10 +104,6 @@ def test_a_second_trainer_is_refused_while_the_first_trains(data_dir, tmp_path):
 def test_a_second_trainer_of_a_run_on_this_machine_is_refused_by_the_run_not_its_scratch(data_dir, tmp_path):
     """On one machine two trainers of one run share its default scratch folder, which the first locks before it
     takes the lease: the second is told of the run's trainer (exit 73), not sent to find another scratch folder."""
-    from trainer.config import config_from_args
-    from trainer.lease import Lease
-    from trainer.run_dir import ScratchLock, scratch_folder
-
     output = str(tmp_path / "runs")
     args = [*TRAIN, "--output-dir", output, "--run", "r", "--data-dir", data_dir]
     lock = ScratchLock(scratch_folder(config_from_args({"output_dir": output, "run": "r"})))  # a trainer starting

@@ -10,6 +10,9 @@ setup(
     description="Distributed TensorFlow training of MNIST classifiers on Kubernetes",
     python_requires=">=3.10",
     packages=find_packages(include=["trainer", "trainer.*"]),
+    # The packages sit in the project's root: said outright, an editable install (make install) is a plain path
+    # entry, and setuptools has no layout to guess and warn about on every fresh install.
+    package_dir={"": "."},
     install_requires=[
         "tensorflow==2.21.0",
         "keras==3.15.1",

@@ -1,11 +1,13 @@
 """The Makefile's defaults as a new user meets them: a local image needs no registry, the cluster goals say in one
-line what they miss before anything is built, and `make local` gives the container the host's GPUs only where
-NVIDIA's driver is installed. The real make, reading the real Makefile (`-n` where a goal would build)."""
+line what they miss before anything is built, `make local` gives the container the host's GPUs only where
+NVIDIA's driver is installed, and the project installs without a word. The real make, reading the real Makefile
+(`-n` where a goal would build)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -75,3 +77,17 @@ def test_make_local_passes_gpus_only_where_the_nvidia_driver_is(tmp_path, contai
     assert (gpu_flag in without) == has_driver
     assert gpu_flag in with_driver
     assert gpu_flag not in told_not_to
+
+
+def test_the_project_installs_editable_without_a_word(tmp_path):
+    # make install's project step (the venv's pinned setuptools, no build isolation), without the dependencies
+    # the venv already holds: a fresh install must not greet the user with setuptools' warnings.
+    # --ignore-installed: into the prefix only, leaving the venv's own install of the project alone.
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                             "--ignore-installed", "-c", "docker/constraints.txt", "--prefix", str(tmp_path),
+                             "-e", "."],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == ""
+    paths = list(tmp_path.glob("lib/python*/site-packages/__editable__.*.pth"))
+    assert [p.read_text().split() for p in paths] == [[ROOT]]  # the code is used where it is edited

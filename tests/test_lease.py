@@ -106,7 +106,8 @@ def test_a_second_trainer_of_a_run_on_this_machine_is_refused_by_the_run_not_its
     takes the lease: the second is told of the run's trainer (exit 73), not sent to find another scratch folder."""
     output = str(tmp_path / "runs")
     args = [*TRAIN, "--output-dir", output, "--run", "r", "--data-dir", data_dir]
-    lock = ScratchLock(scratch_folder(config_from_args({"output_dir": output, "run": "r"})))  # a trainer starting
+    lock = ScratchLock(scratch_folder(config_from_args({"output_dir": output, "run": "r"}),
+                                      LocalStore(f"{output}/r").url))  # a trainer starting
     try:
         result = run_cli(*args)
         assert result.returncode == EXIT_LEASED and result.stdout == "", result.stderr[-2000:]
@@ -125,6 +126,21 @@ def test_a_second_trainer_of_a_run_on_this_machine_is_refused_by_the_run_not_its
     finally:
         lock.release()
     assert [name for name in os.listdir(f"{output}/r") if not name.startswith(".")] == [LEASE]  # nothing else written
+
+
+def test_a_rerun_on_this_machine_takes_over_from_a_killed_trainer_however_the_folder_is_spelled(data_dir, tmp_path):
+    """The default scratch folder is the store's own (its absolute path), so a re-run that names the output dir
+    relative to its working directory holds the dead trainer's scratch lock and takes the lease at once."""
+    output = str(tmp_path / "runs")
+    args = [*TRAIN, "--epochs", "1", "--run", "r", "--data-dir", data_dir]
+    first = start_trainer(*args, "--output-dir", output, quiet=True)
+    assert wait_until(lambda: os.path.exists(f"{output}/r/{LEASE}"), 120, first)
+    first.kill()
+    first.wait()
+    assert _lease(output, "r")["released"] is False  # its lease is live for another minute
+    result = run_cli(*args, "--output-dir", os.path.relpath(output, ROOT))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.load(open(f"{output}/r/metrics.json"))["steps"] == 600
 
 
 def test_a_restarted_attempt_of_the_same_job_waits_for_a_dead_holder_and_takes_over(bucket, data_dir, tmp_path):

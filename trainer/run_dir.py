@@ -151,13 +151,14 @@ def location(output_dir: str, run: str) -> str:
     return f"{output_dir.rstrip('/')}/{run}"
 
 
-def scratch_folder(config: Config) -> RunFolder:
+def scratch_folder(config: Config, store_url: str) -> RunFolder:
     """The local folder a run trains in: `<scratch_dir>/<run>`, or by default
-    `<system temp>/mnist-trainer-<uid>/<run>-<hash of the run's location>` (per user, as the temp dir is shared;
-    per location, as two output dirs may hold runs of the same name)."""
+    `<system temp>/mnist-trainer-<uid>/<run>-<hash of store_url>` (per user, as the temp dir is shared; per
+    store, as two output dirs may hold runs of the same name). `store_url` is the run's store as it names itself
+    (an absolute path for a folder), so `runs` and `/home/me/runs` are one run, and `runs` in two folders two."""
     if config.run.scratch_dir:
         return RunFolder(os.path.join(config.run.scratch_dir, config.run.run))
-    where = hashlib.sha256(location(config.run.output_dir, config.run.run).encode()).hexdigest()[:10]
+    where = hashlib.sha256(store_url.encode()).hexdigest()[:10]
     base = os.path.join(tempfile.gettempdir(), f"mnist-trainer-{os.getuid()}")
     return RunFolder(os.path.join(base, f"{config.run.run}-{where}"))
 
@@ -299,7 +300,7 @@ def open_for_training(config: Config, task: Task = Task(), given: set[str] | Non
     where = location(config.run.output_dir, config.run.run)
     store = open_store(where, min(60.0, config.run.store_timeout))
     store.check()
-    local = scratch_folder(config)
+    local = scratch_folder(config, store.url)
     try:
         lock = ScratchLock(local)
     except ScratchBusy as busy:

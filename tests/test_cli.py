@@ -15,7 +15,7 @@ from PIL import Image
 
 from conftest import (ROOT, catches_sigterm, checkpoint_steps, error_lines, image_entrypoint, run_cli, start_trainer,
                       wait_until)
-from trainer.config import config_from_args
+from trainer.config import EXIT_NO_GPU, config_from_args
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["analyze"], ["data"]])
@@ -52,6 +52,7 @@ def _earlier_run(tmp_path) -> tuple[str, dict[str, bytes]]:
                                                          "--data-dir"),
     (["--data-source", "idx", "--data-dir", "{corrupt}"], "corrupt data file"),
     (["--output-dir", "{file}/runs"], "cannot write to"),
+    (["--expect-gpus", "1", "--cpu-replicas", "2"], "--expect-gpus and --cpu-replicas exclude each other"),
 ])
 def test_bad_input_gets_one_line_exit_2_and_keeps_earlier_results(tmp_path, data_dir, args, message):
     output_dir, before = _earlier_run(tmp_path)
@@ -99,6 +100,22 @@ def test_sigterm_saves_then_rerun_resumes_the_step_count(tmp_path, data_dir):
     assert [(e["epoch"], e["step"]) for e in metrics["history"]] == [(1, 600), (2, 1200)]
     assert saved_steps()[-1] == 1200
     assert metrics["test_accuracy"] > 0.9
+
+
+def test_gpus_tensorflow_cannot_see_end_the_run_at_start_with_one_line_and_exit_71(tmp_path, data_dir):
+    """A pod given GPUs (the launcher passes --expect-gpus) on a node or image whose CUDA stack does not load
+    exits at once rather than train on the CPU; it gives the run's lease back, and writes nothing else."""
+    import tensorflow as tf
+
+    visible = len(tf.config.list_physical_devices("GPU"))
+    result = run_cli("train", "--model", "mlp300", "--data-dir", data_dir, "--output-dir", str(tmp_path), "--run",
+                     "r", "--expect-gpus", str(visible + 1))
+    assert result.returncode == EXIT_NO_GPU and result.stdout == "", result.stderr[-2000:]
+    assert result.stderr == (f"error: this pod was given {visible + 1} GPU(s) but TensorFlow sees {visible}: its "
+                             "NVIDIA driver, CUDA or cuDNN libraries did not load (--verbose shows TensorFlow's "
+                             "reasons); not training on the CPU instead\n")
+    assert [name for name in os.listdir(tmp_path / "r") if not name.startswith(".")] == ["lease.json"]
+    assert json.loads((tmp_path / "r" / "lease.json").read_text())["released"] is True
 
 
 STEP_LINE = r"step \d+/600 \(\d+%\)  loss \d\.\d{4}  accuracy \d+\.\d\d%  \d+ steps/s  eta \d:\d\d:\d\d"

@@ -145,7 +145,7 @@ def test_single_node_job():
     assert job["metadata"]["labels"]["mnist-trainer/run"] == "r1"
     assert container["args"][:8] == ["train", "--output-dir", "gs://b/runs", "--run", "r1", "--scratch-dir",
                                      "/scratch", "--grace-seconds"]
-    assert container["args"][-2:] == ["--model", "cnn"]
+    assert container["args"][-4:] == ["--expect-gpus", "4", "--model", "cnn"]  # the trainer refuses to run without them
     assert "completionMode" not in job["spec"] and "activeDeadlineSeconds" not in job["spec"]
     assert pod_env(container, "team") == {"POD_NAMESPACE": "team", "TRAINER_JOB": "team/r1"}  # no TRAINER_WORKERS
     text = yaml.safe_dump(job)
@@ -253,6 +253,8 @@ def test_launcher_options_go_before_or_after_the_subcommand():
     (["--workers", "3", "--", "--batch-size", "64"], "not divisible by 3 replicas"),
     (["--run", "Bad_Name"], "must start with a lowercase letter"),
     (["--", "--run", "x"], "--run is set by the launcher"),
+    (["--", "--expect-gpus=2"], "--expect-gpus is set by the launcher, from submit's own flags (--output-dir, --run, "
+                                "--gpus)"),
     (["--model", "cnn"], "--model is a trainer flag: put trainer flags after `--`"),
     (["--epochs=3"], "--epochs is a trainer flag"),
     (["--bogus"], "unrecognized arguments: --bogus"),

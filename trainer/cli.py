@@ -113,21 +113,31 @@ def cmd_train(args: argparse.Namespace, stop: StopSignal) -> int:
     """Train, print a one-line summary. SIGTERM is a flag (`stop`), checked at the end of every phase."""
     # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
     run = run_dir.open_for_training(config_from_args(args), this_task(), given_flags(args), _warn, stop.check)
-    stop.check("while opening the run")
-    from trainer.datasets import read_ahead
-
-    read_ahead(run.config.data)
-    load_tensorflow(args.verbose)
-    from trainer.distribute import PeerLost, make_strategy
-    from trainer.train import train_and_evaluate
-
     try:
-        strategy = make_strategy(run.config.runtime)  # before any other TF op: may split the CPU
-        # The multi-worker runtime installs a SIGTERM handler of its own (TensorFlow's preemption notifier, in
-        # C++): without this, worker 0 trained on through a SIGTERM (seen in the group fault trials).
-        stop.install()
-        stop.check("while starting TensorFlow")
-        metrics = train_and_evaluate(run, strategy, stop, log=_warn)
+        stop.check("while opening the run")
+        from trainer.datasets import read_ahead
+
+        read_ahead(run.config.data)
+        load_tensorflow(args.verbose)
+        from trainer.distribute import PeerLost, make_strategy
+        from trainer.train import train_and_evaluate
+
+        try:
+            strategy = make_strategy(run.config.runtime)  # before any other TF op: may split the CPU
+            # The multi-worker runtime installs a SIGTERM handler of its own (TensorFlow's preemption notifier, in
+            # C++): without this, worker 0 trained on through a SIGTERM (seen in the group fault trials).
+            stop.install()
+            stop.check("while starting TensorFlow")
+        except PeerLost as lost:
+            run.close()
+            _exit_lost(lost)
+    except BaseException:
+        # Nothing was written yet: the lease goes back at once, so a re-run, or the job's next attempt, takes the
+        # run without waiting for it to go stale (GPUs missing, SIGTERM while starting, a peer that never joined).
+        run.close()
+        raise
+    try:
+        metrics = train_and_evaluate(run, strategy, stop, log=_warn)  # closes the run
     except PeerLost as lost:
         _exit_lost(lost)
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "

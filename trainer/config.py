@@ -29,6 +29,7 @@ EXIT_NO_CLUSTER = 3  # launcher: no kube config, or the API server did not answe
 EXIT_RUN_FAILED = 4  # launcher `wait`: the run failed
 EXIT_WAIT_TIMEOUT = 5  # launcher `wait`: still running when --timeout passed
 EXIT_PEER_LOST = 69  # EX_UNAVAILABLE: a peer of a multi-worker group was lost (or never joined): restart the group
+EXIT_NO_GPU = 71  # EX_OSERR: TensorFlow cannot use the GPUs the pod was given (driver, CUDA or cuDNN): retried, counted
 EXIT_LEASED = 73  # EX_CANTCREAT: another live trainer holds the run's lease: never retried (wait, or another --run)
 EXIT_STORE = 74  # EX_IOERR: the store stayed unreachable (results are kept in local scratch), or a local disk is full
 EXIT_INTERRUPTED = 75  # EX_TEMPFAIL: stopped early with its work saved (SIGTERM, or the run's lease was lost); retry
@@ -151,6 +152,10 @@ class RuntimeConfig:
     """Devices: 0 = all GPUs (or the CPU); N > 0 = split the CPU into N logical devices."""
 
     cpu_replicas: int = _setting(0, "0: all GPUs (or the CPU); N: N logical CPU devices")
+    # A node whose CUDA stack fails to load (driver, image) leaves TensorFlow on the CPU without a word.
+    expect_gpus: int = _setting(
+        0, f"refuse to start (exit {EXIT_NO_GPU}) unless TensorFlow sees at least this many GPUs; the launcher sets "
+           "it to the pod's GPU request")
     precision: str = _setting("float32", "float32, or mixed_float16 (float16 compute on GPUs with dynamic loss "
                                          "scaling)")
     jit_compile: bool = _setting(False, "XLA-compile the forward and backward pass (faster on GPUs, slower on CPUs)")
@@ -248,7 +253,7 @@ RESUME_KEYS = (
 # unless its flag is given.
 ATTEMPT_KEYS = (
     "output_dir", "run", "scratch_dir", "log_every", "ship_every", "grace_seconds", "store_timeout", "data_dir", "data_source",
-    "cpu_replicas", "jit_compile", "peer_timeout", "startup_timeout", "lease_seconds",
+    "cpu_replicas", "expect_gpus", "jit_compile", "peer_timeout", "startup_timeout", "lease_seconds",
 )
 
 
@@ -319,6 +324,10 @@ def validate(config: Config) -> None:
     if c["cpu_replicas"] < 0:
         raise ConfigError(f"--cpu-replicas must be >= 0, got {c['cpu_replicas']}")
     check_replicas(c["batch_size"], c["cpu_replicas"])
+    if c["expect_gpus"] < 0:
+        raise ConfigError(f"--expect-gpus must be >= 0, got {c['expect_gpus']}")
+    if c["expect_gpus"] and c["cpu_replicas"]:
+        raise ConfigError("--expect-gpus and --cpu-replicas exclude each other (GPUs, or logical CPU devices)")
     if not c["run"] or "/" in c["run"] or c["run"] in (".", ".."):
         raise ConfigError(f"--run must be a plain folder name, got {c['run']!r}")
 

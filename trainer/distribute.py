@@ -17,13 +17,29 @@ from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
 from tensorflow.python.eager import context as tf_context
 
 from trainer.cluster import configure_cluster
-from trainer.config import EXIT_PEER_LOST, ConfigError, RuntimeConfig, TrainerError
+from trainer.config import EXIT_NO_GPU, EXIT_PEER_LOST, ConfigError, RuntimeConfig, TrainerError
 
 
 class PeerLost(TrainerError):
     """A worker of the group died, froze or never joined; the group must be restarted as a whole."""
 
     exit_code = EXIT_PEER_LOST
+
+
+class GpusMissing(TrainerError):
+    """TensorFlow sees fewer GPUs than the pod was given: training on the CPU instead would hold the GPUs for
+    nothing, at a fraction of the speed."""
+
+    exit_code = EXIT_NO_GPU
+
+
+def check_gpus(expected: int) -> None:
+    """Raise GpusMissing unless TensorFlow sees at least `expected` GPUs."""
+    found = len(tf.config.list_physical_devices("GPU"))
+    if found < expected:
+        raise GpusMissing(
+            f"this pod was given {expected} GPU(s) but TensorFlow sees {found}: its NVIDIA driver, CUDA or cuDNN "
+            "libraries did not load (--verbose shows TensorFlow's reasons); not training on the CPU instead")
 
 
 def _configure_coordination(runtime: RuntimeConfig, workers: int) -> None:
@@ -183,6 +199,7 @@ def split_cpu(replicas: int) -> None:
 
 def make_strategy(runtime: RuntimeConfig) -> tf.distribute.Strategy:
     """MultiWorkerMirroredStrategy in a cluster; else MirroredStrategy over all GPUs, the CPU, or N logical CPUs."""
+    check_gpus(runtime.expect_gpus)
     cluster = configure_cluster()
     if cluster is not None:
         if runtime.cpu_replicas > 1:

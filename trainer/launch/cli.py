@@ -128,7 +128,8 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
     """Validate the launcher and trainer flags without TensorFlow and turn them into a JobSpec."""
     for given in args.trainer_args:
         if given.split("=")[0] in LAUNCHER_FLAGS:
-            raise ConfigError(f"{given.split('=')[0]} is set by the launcher; give it to `submit` instead")
+            raise ConfigError(f"{given.split('=')[0]} is set by the launcher, from submit's own flags (--output-dir, "
+                              "--run, --gpus) and the pod it builds")
     if not args.output_dir.startswith("gs://") or len(args.output_dir) <= len("gs://"):
         raise ConfigError(f"--output-dir {args.output_dir!r} is not a bucket: a pod's own disk is gone when the "
                           "pod ends; give gs://BUCKET/PREFIX")

@@ -28,7 +28,7 @@ REPLICATED_JOB = "worker"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 # Trainer flags the builders set themselves; `submit` refuses them among the user's trainer flags.
-LAUNCHER_FLAGS = tuple(flag(name) for name in ("output_dir", "run", "scratch_dir", "grace_seconds"))
+LAUNCHER_FLAGS = tuple(flag(name) for name in ("output_dir", "run", "scratch_dir", "grace_seconds", "expect_gpus"))
 MAX_NAME = 63  # Kubernetes label values, Job names and pod hostnames (DNS-1035 labels)
 _DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _POD_SUFFIX = "-abcde"  # the random suffix Kubernetes appends to a Job's pod names
@@ -106,7 +106,9 @@ def _restricted_container() -> dict[str, Any]:
 
 
 def _trainer_container(spec: JobSpec) -> dict[str, Any]:
-    own = dict(zip(LAUNCHER_FLAGS, (spec.output_dir, spec.run, SCRATCH, str(max(1, spec.grace_seconds - 5)))))
+    # The pod's GPUs are expected: a node or image whose CUDA stack fails makes the trainer exit, not train on the CPU.
+    own = dict(zip(LAUNCHER_FLAGS, (spec.output_dir, spec.run, SCRATCH, str(max(1, spec.grace_seconds - 5)),
+                                    str(spec.gpus))))
     args = ["train", *(part for flag, value in own.items() for part in (flag, value)), *spec.trainer_args]
     resources: dict[str, Any] = {"requests": {"cpu": spec.cpu, "memory": spec.memory},
                                  "limits": {"memory": spec.memory}}

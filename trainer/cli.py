@@ -4,6 +4,7 @@ folder is opened through run_dir, whatever its store."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -15,8 +16,8 @@ from typing import NoReturn, Sequence
 from trainer import config as config_lib
 from trainer import run_dir
 from trainer.cluster import this_task
-from trainer.config import (EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags, config_from_args,
-                            fail, given_flags)
+from trainer.config import (EXIT_PEER_LOST, EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags,
+                            config_from_args, fail, given_flags)
 from trainer.sigterm import StopSignal
 from trainer.runtime import load_tensorflow, set_tensorflow_env
 from trainer.storage import disk_full
@@ -114,32 +115,29 @@ def cmd_train(args: argparse.Namespace, stop: StopSignal) -> int:
     # Everything that needs no TensorFlow is decided first: the flags, the store, a resume's settings.
     run = run_dir.open_for_training(config_from_args(args), this_task(), given_flags(args), _warn, stop.check)
     try:
-        stop.check("while opening the run")
-        from trainer.datasets import read_ahead
+        # train_and_evaluate closes the run when it ends; this closes it (once more: closing is idempotent) when
+        # the process stops before then, having written nothing: the lease goes back at once, so a re-run, or the
+        # job's next attempt, takes the run without waiting for it to go stale (GPUs missing, SIGTERM while
+        # starting, a peer that never joined).
+        with contextlib.closing(run):
+            stop.check("while opening the run")
+            from trainer.datasets import read_ahead
 
-        read_ahead(run.config.data)
-        load_tensorflow(args.verbose)
-        from trainer.distribute import PeerLost, make_strategy
-        from trainer.train import train_and_evaluate
+            read_ahead(run.config.data)
+            load_tensorflow(args.verbose)
+            from trainer.distribute import make_strategy
+            from trainer.train import train_and_evaluate
 
-        try:
             strategy = make_strategy(run.config.runtime)  # before any other TF op: may split the CPU
             # The multi-worker runtime installs a SIGTERM handler of its own (TensorFlow's preemption notifier, in
             # C++): without this, worker 0 trained on through a SIGTERM (seen in the group fault trials).
             stop.install()
             stop.check("while starting TensorFlow")
-        except PeerLost as lost:
-            run.close()
-            _exit_lost(lost)
-    except BaseException:
-        # Nothing was written yet: the lease goes back at once, so a re-run, or the job's next attempt, takes the
-        # run without waiting for it to go stale (GPUs missing, SIGTERM while starting, a peer that never joined).
-        run.close()
+            metrics = train_and_evaluate(run, strategy, stop, log=_warn)
+    except TrainerError as error:
+        if error.exit_code == EXIT_PEER_LOST:
+            _exit_lost(error)
         raise
-    try:
-        metrics = train_and_evaluate(run, strategy, stop, log=_warn)  # closes the run
-    except PeerLost as lost:
-        _exit_lost(lost)
     print(f"test accuracy {metrics['test_accuracy']:.2%}  test loss {metrics['test_loss']:.4f}  "
           f"{metrics['steps']} steps on {metrics['replicas']} replica(s)  run folder: {run.url}", flush=True)
     sys.stderr.flush()

@@ -35,12 +35,17 @@ BUILDAH     ?= buildah --storage-driver vfs
 LOCAL_USER  ?= $(shell id -u):$(shell id -g)
 IGNORE_FILE := docker/Dockerfile.dockerignore
 BUILD_ARGS   = -f $(DOCKERFILE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE):$(TAG)
-LOCAL_ARGS   = train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if $(RUN),--run $(RUN))
+# The trainer is told how many GPUs it was given (--expect-gpus): an image whose CUDA stack does not load exits 71
+# instead of training on the CPU.
+LOCAL_ARGS   = train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if $(RUN),--run $(RUN)) \
+               $(if $(filter-out 0,$(LOCAL_GPUS)),--expect-gpus $(LOCAL_GPUS))
 BUCKET      ?=
 REMOTE_DIR  ?= gs://$(BUCKET)/runs
 GPUS        ?= 1
-# make local: all the host's GPUs where NVIDIA's driver is installed (nvidia-smi), else none (LOCAL_GPUS=all or 0).
-LOCAL_GPUS  ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo all || echo 0)
+# make local: how many GPUs the container gets; by default every GPU NVIDIA's driver lists (nvidia-smi -L), else 0.
+LOCAL_GPUS  ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+# podman names GPUs by the CDI spec of NVIDIA's container toolkit (nvidia-ctk cdi generate): the first LOCAL_GPUS.
+PODMAN_GPUS  = $(foreach i,$(shell seq 0 $$(($(LOCAL_GPUS) - 1))),--device nvidia.com/gpu=$(i))
 WORKERS     ?= 1
 GPU_TYPE    ?=
 NAMESPACE   ?= default
@@ -59,6 +64,16 @@ endif
 ifneq ($(BUCKET_GOAL),)
 ifeq ($(BUCKET),)
 $(error error: make $(BUCKET_GOAL) needs BUCKET=NAME, the bucket that holds the runs (gs://NAME/runs))
+endif
+endif
+ifneq ($(filter local,$(MAKECMDGOALS)),)
+ifeq ($(shell echo '$(LOCAL_GPUS)' | grep -Ex '[0-9]+'),)
+$(error error: make local needs LOCAL_GPUS=N, a number of GPUs (0: none), got '$(LOCAL_GPUS)')
+endif
+ifeq ($(CONTAINER),buildah)
+ifneq ($(filter-out 0,$(LOCAL_GPUS)),)
+$(error error: make local cannot give a container GPUs with buildah: use docker or podman with NVIDIA's container toolkit (CONTAINER=), or LOCAL_GPUS=0 to train on the CPU)
+endif
 endif
 endif
 
@@ -148,7 +163,7 @@ ifeq ($(CONTAINER),buildah)
 	  $(LOCAL_ARGS)
 else
 	$(CONTAINER) run --rm --shm-size 2g --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs \
-	  $(if $(filter-out 0,$(LOCAL_GPUS)),$(if $(filter podman,$(CONTAINER)),--device nvidia.com/gpu=all,--gpus all)) \
+	  $(if $(filter-out 0,$(LOCAL_GPUS)),$(if $(filter podman,$(CONTAINER)),$(PODMAN_GPUS),--gpus $(LOCAL_GPUS))) \
 	  $(IMAGE):$(TAG) $(LOCAL_ARGS)
 endif
 

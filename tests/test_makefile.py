@@ -1,6 +1,6 @@
 """The Makefile's defaults as a new user meets them: a local image needs no registry, the cluster goals say in one
-line what they miss before anything is built, `make local` gives the container the host's GPUs only where
-NVIDIA's driver is installed, and the project installs without a word. The real make, reading the real Makefile
+line what they miss before anything is built, `make local` gives the container the GPUs NVIDIA's driver
+lists and tells the trainer how many, and the project installs without a word. The real make, reading the real Makefile
 (`-n` where a goal would build)."""
 
 from __future__ import annotations
@@ -64,19 +64,44 @@ def test_image_and_local_need_no_registry():
         assert "localhost/mnist-trainer:v1" in result.stdout
 
 
-@pytest.mark.parametrize("container, gpu_flag", [("docker", "--gpus all"), ("podman", "--device nvidia.com/gpu=all")])
-def test_make_local_passes_gpus_only_where_the_nvidia_driver_is(tmp_path, container, gpu_flag):
-    without = _make("-n", "-o", "image", "local", f"CONTAINER={container}").stdout
-    driver = tmp_path / "bin"
+def _driver_listing(tmp_path, gpus: int) -> str:
+    """A folder holding an `nvidia-smi` that lists `gpus` GPUs, as NVIDIA's driver does (`nvidia-smi -L`)."""
+    driver = tmp_path / f"driver-{gpus}"
     driver.mkdir()
-    (driver / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")
+    lines = "".join(f"GPU {i}: NVIDIA L4 (UUID: GPU-{i})\\n" for i in range(gpus))
+    (driver / "nvidia-smi").write_text(f'#!/bin/sh\n[ "$1" = -L ] && printf "{lines}"\nexit 0\n')
     (driver / "nvidia-smi").chmod(0o755)
-    with_driver = _make("-n", "-o", "image", "local", f"CONTAINER={container}", path=str(driver)).stdout
-    told_not_to = _make("-n", "-o", "image", "local", f"CONTAINER={container}", "LOCAL_GPUS=0", path=str(driver)).stdout
-    has_driver = subprocess.run(["sh", "-c", "command -v nvidia-smi"], capture_output=True).returncode == 0
-    assert (gpu_flag in without) == has_driver
-    assert gpu_flag in with_driver
-    assert gpu_flag not in told_not_to
+    return str(driver)
+
+
+@pytest.mark.parametrize("container, gpu_flags, one_gpu", [
+    ("docker", "--gpus 2 ", "--gpus 1 "),
+    ("podman", "--device nvidia.com/gpu=0 --device nvidia.com/gpu=1 ", "--device nvidia.com/gpu=0 localhost/")])
+def test_make_local_gives_the_container_the_gpus_the_driver_lists_and_tells_the_trainer(tmp_path, container,
+                                                                                         gpu_flags, one_gpu):
+    driver = _driver_listing(tmp_path, 2)
+    with_driver = one_line(_make("-n", "-o", "image", "local", f"CONTAINER={container}", path=driver).stdout)
+    assert gpu_flags in with_driver
+    assert with_driver.rstrip().endswith("--expect-gpus 2")  # an image whose CUDA stack fails exits 71, not CPU
+    one = one_line(_make("-n", "-o", "image", "local", f"CONTAINER={container}", "LOCAL_GPUS=1", path=driver).stdout)
+    assert one_gpu in one and one.rstrip().endswith("--expect-gpus 1")
+    for told_not_to in (_make("-n", "-o", "image", "local", f"CONTAINER={container}", "LOCAL_GPUS=0", path=driver),
+                        _make("-n", "-o", "image", "local", f"CONTAINER={container}",
+                              path=_driver_listing(tmp_path, 0))):  # a driver that lists no GPU
+        assert told_not_to.returncode == 0, told_not_to.stderr
+        assert "--gpus" not in told_not_to.stdout and "nvidia.com/gpu" not in told_not_to.stdout
+        assert "--expect-gpus" not in told_not_to.stdout
+
+
+def test_make_local_with_buildah_refuses_gpus_it_cannot_give(tmp_path):
+    line = _one_error_line(_make("-n", "-o", "image", "local", "CONTAINER=buildah", path=_driver_listing(tmp_path, 1)))
+    assert "error: make local cannot give a container GPUs with buildah" in line and "LOCAL_GPUS=0" in line
+    assert _make("-n", "-o", "image", "local", "CONTAINER=buildah", "LOCAL_GPUS=0").returncode == 0
+
+
+def test_make_local_needs_a_number_of_gpus():
+    line = _one_error_line(_make("-n", "-o", "image", "local", "CONTAINER=docker", "LOCAL_GPUS=all"))
+    assert "error: make local needs LOCAL_GPUS=N, a number of GPUs (0: none), got 'all'" in line
 
 
 def test_the_project_installs_editable_without_a_word(tmp_path):

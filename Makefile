@@ -43,7 +43,10 @@ BUCKET      ?=
 REMOTE_DIR  ?= gs://$(BUCKET)/runs
 GPUS        ?= 1
 # make local: how many GPUs the container gets; by default every GPU NVIDIA's driver lists (nvidia-smi -L), else 0.
-LOCAL_GPUS  ?= $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU ')
+# Asked once, when first used (the eval makes the answer a plain value): other goals never run nvidia-smi.
+ifeq ($(origin LOCAL_GPUS),undefined)
+LOCAL_GPUS   = $(eval LOCAL_GPUS := $(shell nvidia-smi -L 2>/dev/null | grep -c '^GPU '))$(LOCAL_GPUS)
+endif
 # podman names GPUs by the CDI spec of NVIDIA's container toolkit (nvidia-ctk cdi generate): the first LOCAL_GPUS.
 PODMAN_GPUS  = $(foreach i,$(shell seq 0 $$(($(LOCAL_GPUS) - 1))),--device nvidia.com/gpu=$(i))
 WORKERS     ?= 1

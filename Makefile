@@ -87,12 +87,15 @@ install: $(VENV)/.installed
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# pip and setuptools too at the versions tested (constraints.txt): the project is built with the venv's own
-# setuptools, not with whatever release is newest on the day.
+# The project into the environment of python $(1), its dependencies constrained by $(2): pip and setuptools too at
+# the versions tested (constraints.txt), so the project is built with the environment's own setuptools, not with
+# whatever release is newest on the day.
+install_project = $(1) -m pip install --quiet -c docker/constraints.txt pip setuptools \
+	&& $(1) -m pip install --quiet --no-build-isolation $(2) -e '.[test]' \
+	&& $(1) -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
+
 $(VENV)/.installed: setup.py docker/requirements-no-deps.txt docker/constraints.txt $(VENV)/bin/python
-	$(PY) -m pip install --quiet -c docker/constraints.txt pip setuptools
-	$(PY) -m pip install --quiet --no-build-isolation -c docker/constraints.txt -e '.[test]'
-	$(PY) -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
+	$(call install_project,$(PY),-c docker/constraints.txt)
 	touch $@
 
 data: install
@@ -114,9 +117,7 @@ bench: install
 # Rewrite docker/constraints.txt from a fresh install of setup.py's pins (after changing them; then make test).
 lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
-	build/lock-venv/bin/python -m pip install --quiet -c docker/constraints.txt pip setuptools
-	build/lock-venv/bin/python -m pip install --quiet --no-build-isolation -e '.[test]'
-	build/lock-venv/bin/python -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
+	$(call install_project,build/lock-venv/bin/python)
 	{ sed -n '1,2p' docker/constraints.txt; build/lock-venv/bin/python -m pip freeze --all --exclude-editable; } \
 	  > docker/constraints.txt.new && mv docker/constraints.txt.new docker/constraints.txt && rm -rf build/lock-venv
 

@@ -342,8 +342,8 @@ def test_scratch_belongs_to_one_run(data_dir, tmp_path):
     common = {"run": "same", "data_dir": data_dir}
     cnn = config_from_args({**common, "model": "cnn", "output_dir": str(tmp_path / "x")})
     mlp = config_from_args({**common, "model": "mlp300", "output_dir": str(tmp_path / "y")})
-    assert scratch_folder(cnn, str(tmp_path / "x" / "same")).root != \
-        scratch_folder(mlp, str(tmp_path / "y" / "same")).root
+    assert scratch_folder(cnn, LocalStore(str(tmp_path / "x" / "same")).url).root != \
+        scratch_folder(mlp, LocalStore(str(tmp_path / "y" / "same")).url).root
     shared = str(tmp_path / "scratch")
     process = start_trainer("train", "--model", "cnn", "--epochs", "1", "--output-dir", str(tmp_path / "x"),
                             "--run", "same", "--data-dir", data_dir, "--scratch-dir", shared)

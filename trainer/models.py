@@ -25,7 +25,8 @@ def _logits(x: keras.KerasTensor) -> keras.KerasTensor:
 class FusedBatchNormalization(layers.BatchNormalization):
     """Keras's BatchNormalization (same variables, checkpoints and inference) whose training pass on NHWC maps
     runs TensorFlow's fused kernel: Keras computes the batch moments and the normalisation with ~15 separate
-    ops (and as many in the gradient), ~1.2 of a 7.4 ms lenet_bn step on 2 cores of an Intel Xeon (README)."""
+    ops (and as many in the gradient), ~1.2 of a 7.4 ms lenet_bn step on 2 cores of an Intel Xeon
+    (bench/FINDINGS.md)."""
 
     def call(self, inputs: tf.Tensor, training: bool | None = None, mask: tf.Tensor | None = None) -> tf.Tensor:
         """Normalise by the batch's moments and update the moving ones when training; else Keras's own pass."""

@@ -3,6 +3,7 @@
 PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
+comma       := ,
 MODEL       ?= cnn
 DATASET     ?= mnist
 EPOCHS      ?=
@@ -21,6 +22,10 @@ REGISTRY    ?=
 IMAGE       ?= $(if $(REGISTRY),$(REGISTRY)/mnist-trainer,localhost/mnist-trainer)
 TAG         ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 BASE_IMAGE  ?=
+# The image's flavour: gpu (TensorFlow's CUDA wheels; what push, submit and tensorboard ship) or cpu (the same image
+# without them, tagged TAG-cpu). make local takes gpu where NVIDIA's driver lists GPUs (LOCAL_GPUS > 0), else cpu.
+FLAVOUR     ?= $(if $(filter local,$(MAKECMDGOALS)),$(if $(filter-out 0,$(LOCAL_GPUS)),gpu,cpu),gpu)
+IMAGE_REF    = $(IMAGE):$(TAG)$(if $(filter cpu,$(FLAVOUR)),-cpu)
 DOCKERFILE  ?= docker/Dockerfile
 # The base's tag, read from the Dockerfile's "# base:" line; `make pin-base` pins the FROM to its digest.
 BASE_TAG    ?= $(shell sed -n 's/^# base: //p' $(DOCKERFILE))
@@ -33,8 +38,10 @@ CONTAINER   := $(shell docker version --format '{{.Server.Version}}' >/dev/null 
 endif
 BUILDAH     ?= buildah --storage-driver vfs
 LOCAL_USER  ?= $(shell id -u):$(shell id -g)
+GPU_CHECK_USER ?= 4321:4321
 IGNORE_FILE := docker/Dockerfile.dockerignore
-BUILD_ARGS   = -f $(DOCKERFILE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE):$(TAG)
+BUILD_ARGS   = -f $(DOCKERFILE) $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) --build-arg FLAVOUR=$(FLAVOUR) \
+               -t $(IMAGE_REF)
 # The trainer is told how many GPUs it was given (--expect-gpus): an image whose CUDA stack does not load exits 71
 # instead of training on the CPU.
 LOCAL_ARGS   = train --output-dir /runs --scratch-dir /tmp $(TRAINER_FLAGS) $(if $(RUN),--run $(RUN)) \
@@ -80,7 +87,8 @@ endif
 endif
 endif
 
-.PHONY: install lock train test faults bench data image-data manifests pin-base image push submit local tensorboard clean
+.PHONY: install lock train test faults bench data image-data manifests pin-base image gpu-check image-sizes push \
+        submit local tensorboard clean
 
 install: $(VENV)/.installed
 
@@ -89,9 +97,9 @@ $(VENV)/bin/python:
 
 # The project into the environment of python $(1), its dependencies constrained by $(2): pip and setuptools too at
 # the versions tested (constraints.txt), so the project is built with the environment's own setuptools, not with
-# whatever release is newest on the day.
+# whatever release is newest on the day. $(3): the extras (test; the lock adds gpu, whose CUDA wheels it pins).
 install_project = $(1) -m pip install --quiet -c docker/constraints.txt pip setuptools \
-	&& $(1) -m pip install --quiet --no-build-isolation $(2) -e '.[test]' \
+	&& $(1) -m pip install --quiet --no-build-isolation $(2) -e '.[$(or $(3),test)]' \
 	&& $(1) -m pip install --quiet --no-deps -r docker/requirements-no-deps.txt
 
 $(VENV)/.installed: setup.py docker/requirements-no-deps.txt docker/constraints.txt $(VENV)/bin/python
@@ -117,7 +125,7 @@ bench: install
 # Rewrite docker/constraints.txt from a fresh install of setup.py's pins (after changing them; then make test).
 lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
-	$(call install_project,build/lock-venv/bin/python)
+	$(call install_project,build/lock-venv/bin/python,,test$(comma)gpu)
 	{ sed -n '1,2p' docker/constraints.txt; build/lock-venv/bin/python -m pip freeze --all --exclude-editable; } \
 	  > docker/constraints.txt.new && mv docker/constraints.txt.new docker/constraints.txt && rm -rf build/lock-venv
 
@@ -149,31 +157,57 @@ else
 	DOCKER_BUILDKIT=1 docker build $(BUILD_ARGS) .
 endif
 
-push: image
-	$(if $(filter buildah,$(CONTAINER)),$(BUILDAH),$(CONTAINER)) push $(IMAGE):$(TAG)
+# The image's entrypoint with arguments $(4), as user $(1), with volumes $(2) and docker's or podman's own options
+# $(3) (GPUs, shared memory: buildah has neither).
+run_image = $(if $(filter buildah,$(CONTAINER)),\
+	ctr=$$($(BUILDAH) from $(IMAGE_REF)) && trap '$(BUILDAH) rm '$$ctr' >/dev/null' EXIT && \
+	  $(BUILDAH) run --isolation chroot --user $(1) $(2) $$ctr -- \
+	  $$($(BUILDAH) inspect --type container --format '{{range .OCIv1.Config.Entrypoint}}{{.}} {{end}}' $$ctr) $(4),\
+	$(CONTAINER) run --rm --user $(1) $(2) $(3) $(IMAGE_REF) $(4))
 
+# The GPU flavour's CUDA libraries, checked inside the image on any machine, GPU or not: each found where
+# TensorFlow looks for it, loaded and of a version TensorFlow was built for; only the driver may be missing. As the
+# image's own user and as an arbitrary one.
+gpu-check: override FLAVOUR = gpu
+gpu-check: image
+	@echo "gpu-check as uid 1000 (the image's user):"
+	@$(call run_image,1000:1000,,,gpus)
+	@echo "gpu-check as uid $(GPU_CHECK_USER) (no passwd entry):"
+	@$(call run_image,$(GPU_CHECK_USER),,,gpus)
+
+# The size of both flavours and of each layer, compressed and unpacked: bench/image_sizes.json and the README's
+# table (buildah or podman: the image is pushed to a folder to be measured).
+image-sizes: install
+ifeq ($(CONTAINER),docker)
+	@echo "error: make image-sizes needs buildah or podman (CONTAINER=buildah)" >&2; exit 2
+endif
+	$(MAKE) --no-print-directory image FLAVOUR=gpu
+	$(MAKE) --no-print-directory image FLAVOUR=cpu
+	BUILDAH='$(if $(filter podman,$(CONTAINER)),podman,$(BUILDAH))' $(PY) -m bench.image_sizes \
+	  gpu=$(IMAGE):$(TAG) cpu=$(IMAGE):$(TAG)-cpu
+
+push: override FLAVOUR = gpu
+push: image
+	$(if $(filter buildah,$(CONTAINER)),$(BUILDAH),$(CONTAINER)) push $(IMAGE_REF)
+
+submit: override FLAVOUR = gpu
 submit: install push
-	$(PY) -m trainer.launch --namespace $(NAMESPACE) submit --image $(IMAGE):$(TAG) --output-dir $(REMOTE_DIR) \
+	$(PY) -m trainer.launch --namespace $(NAMESPACE) submit --image $(IMAGE_REF) --output-dir $(REMOTE_DIR) \
 	  --gpus $(GPUS) --workers $(WORKERS) $(if $(GPU_TYPE),--gpu-type $(GPU_TYPE)) $(if $(RUN),--run $(RUN)) \
 	  $(if $(QUEUE),--queue $(QUEUE)) $(if $(PRIORITY),--priority $(PRIORITY)) -- $(TRAINER_FLAGS)
 
-# The same image on this machine, as you (LOCAL_USER), the run folder under OUTPUT_DIR, with LOCAL_GPUS.
+# The same image on this machine, as you (LOCAL_USER), the run folder under OUTPUT_DIR, with LOCAL_GPUS (the gpu
+# flavour if there are any, else the cpu one).
 local: image
 	mkdir -p $(OUTPUT_DIR)
-ifeq ($(CONTAINER),buildah)
-	ctr=$$($(BUILDAH) from $(IMAGE):$(TAG)) && trap '$(BUILDAH) rm '$$ctr' >/dev/null' EXIT && \
-	  $(BUILDAH) run --isolation chroot --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs $$ctr -- \
-	  $$($(BUILDAH) inspect --type container --format '{{range .OCIv1.Config.Entrypoint}}{{.}} {{end}}' $$ctr) \
-	  $(LOCAL_ARGS)
-else
-	$(CONTAINER) run --rm --shm-size 2g --user $(LOCAL_USER) -v $(abspath $(OUTPUT_DIR)):/runs \
-	  $(if $(filter-out 0,$(LOCAL_GPUS)),$(if $(filter podman,$(CONTAINER)),$(PODMAN_GPUS),--gpus $(LOCAL_GPUS))) \
-	  $(IMAGE):$(TAG) $(LOCAL_ARGS)
-endif
+	$(call run_image,$(LOCAL_USER),-v $(abspath $(OUTPUT_DIR)):/runs,--shm-size 2g \
+	  $(if $(filter-out 0,$(LOCAL_GPUS)),$(if $(filter podman,$(CONTAINER)),$(PODMAN_GPUS),--gpus $(LOCAL_GPUS))),\
+	  $(LOCAL_ARGS))
 
 # TensorBoard runs the trainer's image (it has TensorBoard and GCS access): pushed first, so the tag exists.
+tensorboard: override FLAVOUR = gpu
 tensorboard: install push
-	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE):$(TAG) --logdir $(REMOTE_DIR)
+	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE_REF) --logdir $(REMOTE_DIR)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

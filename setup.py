@@ -27,6 +27,9 @@ setup(
         "matplotlib==3.11.2",  # analyze
     ],
     extras_require={
+        # TensorFlow's own GPU install for Linux: NVIDIA's CUDA 12 and cuDNN 9 libraries as wheels (pinned in
+        # docker/constraints.txt); the image's gpu flavour. The node gives only the driver.
+        "gpu": ["tensorflow[and-cuda]==2.21.0"],
         "test": [
             "pytest==9.2.0",
             "pytest-xdist==3.8.0",  # make test runs the files on 2 processes

@@ -111,11 +111,36 @@ def test_gpus_tensorflow_cannot_see_end_the_run_at_start_with_one_line_and_exit_
     result = run_cli("train", "--model", "mlp300", "--data-dir", data_dir, "--output-dir", str(tmp_path), "--run",
                      "r", "--expect-gpus", str(visible + 1))
     assert result.returncode == EXIT_NO_GPU and result.stdout == "", result.stderr[-2000:]
-    assert result.stderr == (f"error: this pod was given {visible + 1} GPU(s) but TensorFlow sees {visible}: its "
-                             "NVIDIA driver, CUDA or cuDNN libraries did not load (--verbose shows TensorFlow's "
-                             "reasons); not training on the CPU instead\n")
+    # The cause, named: here (no NVIDIA driver, and no CUDA wheels in the test environment) both.
+    assert result.stderr.startswith(f"error: this pod was given {visible + 1} GPU(s) but TensorFlow sees {visible}: no "
+                                    "NVIDIA driver: libcuda.so.1 not found (the node's driver is mounted into the "
+                                    "container by NVIDIA's device plugin or container toolkit; GKE mounts it at "
+                                    "/usr/local/nvidia/lib64); libcudart.so.12, libcublas.so.12, ")
+    assert result.stderr.endswith(" not found where TensorFlow looks (an image without the CUDA libraries: use the "
+                                  "gpu flavour); not training on the CPU instead\n")
+    assert result.stderr.count("\n") == 1 and "libcudnn.so.9" in result.stderr
     assert [name for name in os.listdir(tmp_path / "r") if not name.startswith(".")] == ["lease.json"]
     assert json.loads((tmp_path / "r" / "lease.json").read_text())["released"] is True
+
+
+def test_gpus_hidden_by_the_environment_are_named_as_the_cause(tmp_path, data_dir):
+    result = run_cli("train", "--model", "mlp300", "--data-dir", data_dir, "--output-dir", str(tmp_path), "--run",
+                     "r", "--expect-gpus", "2", env={"CUDA_VISIBLE_DEVICES": "-1"})
+    assert result.returncode == EXIT_NO_GPU
+    assert result.stderr == ("error: this pod was given 2 GPU(s) but TensorFlow sees 0: CUDA_VISIBLE_DEVICES='-1' "
+                             "hides every GPU from TensorFlow; not training on the CPU instead\n")
+
+
+def test_gpus_command_names_each_library_and_exits_71_where_they_are_missing():
+    result = run_cli("gpus")
+    assert result.returncode == EXIT_NO_GPU and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == "TensorFlow 2.21.0, built for CUDA 12.5.1 and cuDNN 9"
+    assert lines[1].split()[:3] == ["MISSING", "cudart", "libcudart.so.12"]
+    assert "not found where TensorFlow looks (LD_LIBRARY_PATH, then the RUNPATH of libtensorflow_framework.so.2" \
+        in lines[1]
+    assert lines[-2].split()[:3] == ["MISSING", "driver", "libcuda.so.1"]
+    assert lines[-1].startswith("not usable, so TensorFlow would not start on a GPU: libcudart.so.12, ")
 
 
 STEP_LINE = r"step \d+/600 \(\d+%\)  loss \d\.\d{4}  accuracy \d+\.\d\d%  \d+ steps/s  eta \d:\d\d:\d\d"

@@ -1,4 +1,5 @@
-"""The image definition: hadolint-clean, pinned official base, non-root, the trainer as entrypoint."""
+"""The image definition: hadolint-clean, its base pinned or said to be unpinned, non-root, the trainer as entrypoint,
+every CUDA wheel pinned, and the sizes the README shows rendered from what was measured."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 import subprocess
 import sys
 
-from conftest import DOCKERFILE, image_entrypoint
+from conftest import DOCKERFILE, ROOT, image_entrypoint
 
 
 def test_hadolint_passes():
@@ -16,26 +17,67 @@ def test_hadolint_passes():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_image_is_pinned_non_root_and_runs_the_trainer():
+def test_base_is_debian_bookworm_pinned_by_digest_or_stated_unpinned_and_the_image_runs_the_trainer_non_root():
     text = open(DOCKERFILE).read()
-    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)  # a build argument whose default is the official image
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M)  # a build argument: the tests build on a stand-in
     tag, base = re.search(r"^# base: (\S+)\nARG BASE_IMAGE=(\S+)$", text, re.M).groups()
-    assert re.fullmatch(r"tensorflow/tensorflow:2\.21\.\d+-gpu", tag)  # the tag, beside its pin (`make pin-base`)
-    assert base == tag or re.fullmatch(r"tensorflow/tensorflow@sha256:[0-9a-f]{64}", base)
+    assert tag == "debian:bookworm-slim"  # Debian's own Python 3.11: what the tests' debootstrap base has
+    if base == tag:  # a bare tag only where the Dockerfile says why (make pin-base pins it where Docker Hub answers)
+        assert re.search(r"^# Unpinned while ARG BASE_IMAGE names a bare tag: ", text, re.M)
+    else:
+        assert re.fullmatch(r"debian@sha256:[0-9a-f]{64}", base)
+    # Debian's python3 and the CA certificates, at the versions tested.
+    assert re.search(r"apt-get install -y --no-install-recommends python3=\S+ python3-venv=\S+\s+\\?\s*"
+                     r"ca-certificates=\S+", text)
     assert re.search(r"^USER [1-9]\d*:[1-9]\d*$", text, re.M)
     assert image_entrypoint() == ["env", "--block-signal=TERM", "python", "-m", "trainer"]  # see test_cli
-    # The data, then the dependencies, then the code: a code change reuses the dependency and data layers.
-    assert text.index("COPY build/data") < text.index("COPY setup.py") < text.index("pip install --no-cache-dir -c") \
-        < text.index("COPY trainer/")
+    # The system layer, the data, then the dependencies, then the code: a code change reuses all the layers below.
+    assert text.index("apt-get install") < text.index("COPY build/data") < text.index("COPY setup.py") \
+        < text.index("pip install --no-cache-dir --no-build-isolation -c") < text.index("COPY trainer/")
+    # The flavour is declared just before the step that uses it: both flavours share the layers below.
+    assert text.index("ARG FLAVOUR=gpu") > text.index("COPY build/data")
     # At most two steps after the dependencies: vfs builders keep a full copy of the file system per step.
     instructions = re.findall(r"^([A-Z]+) ", text, re.M)
     after = len(instructions) - 1 - max(i for i, word in enumerate(instructions) if word == "RUN")
     assert after <= 2, instructions
     assert "TRAINER_DATA_DIR=/opt/data" in text
+    # TensorFlow 2.21 finds cuSOLVER's wheel only through LD_LIBRARY_PATH (make gpu-check), and GKE mounts the
+    # node's driver at /usr/local/nvidia/lib64.
+    path = re.search(r"LD_LIBRARY_PATH=(\S+)", text).group(1).split(":")
+    assert path == ["/opt/venv/lib/python3.11/site-packages/nvidia/cusolver/lib", "/usr/local/nvidia/lib64"]
     ignore = open(DOCKERFILE + ".dockerignore").read().splitlines()
     assert "**" in ignore
     copied = [source for line in re.findall(r"^COPY (.+) \S+$", text, re.M) for source in line.split()]
     assert set(copied) == {"setup.py", "docker/requirements-no-deps.txt", "docker/constraints.txt", "build/data/idx/",
                            "trainer/"}
-    assert "pip install --no-cache-dir -c /tmp/deps/constraints.txt /tmp/deps" in text  # every dependency pinned
+    assert '-c /tmp/deps/constraints.txt "/tmp/deps$extras"' in text  # every dependency pinned, the CUDA wheels too
     assert all(f"!{source}" in ignore for source in copied)  # everything copied is sent to the builder
+
+
+def test_every_cuda_wheel_of_the_gpu_flavour_is_pinned():
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    pinned = {line.split("==")[0].lower() for line in open(os.path.join(os.path.dirname(DOCKERFILE),
+                                                                        "constraints.txt")) if "==" in line}
+    extra = [Requirement(r) for r in importlib.metadata.requires("tensorflow") if "and-cuda" in r]
+    assert extra and {r.name.lower() for r in extra} <= pinned
+
+
+def test_the_readmes_image_sizes_are_rendered_from_bench_image_sizes_json():
+    import importlib.util
+    import json
+
+    spec = importlib.util.spec_from_file_location("image_sizes", os.path.join(ROOT, "bench", "image_sizes.py"))
+    sizes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sizes)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    block = readme.split(sizes.BEGIN)[1].split(sizes.END)[0].strip()
+    with open(sizes.RESULTS) as f:
+        results = json.load(f)
+    assert block == sizes.render(results)
+    gpu, cpu = results["flavours"]["gpu"], results["flavours"]["cpu"]
+    # The flavours share every layer but the dependencies', and the code's layer is the small one a change ships.
+    assert [layer["layer"] for layer in gpu["layers"]] == [layer["layer"] for layer in cpu["layers"]]
+    assert gpu["layers"][-1]["compressed"] < 1e6 and gpu["layers"][3]["compressed"] > 1e9

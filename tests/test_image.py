@@ -26,14 +26,30 @@ from conftest import ROOT, image_entrypoint, needs_offline_copy, one_line, run_c
 from gcs import free_port
 
 CACHE = os.environ.get("IMAGE_TEST_CACHE", "/var/cache/mnist-trainer-tests")
-BASE = "localhost/mnist-trainer-test-base:bookworm"
+BASE = "localhost/mnist-trainer-test-base:bookworm-slim"
 IMAGE, TAG = "localhost/mnist-trainer", "test"
 STORAGE = os.environ.get("IMAGE_TEST_STORAGE", "/var/lib/containers/mnist-trainer-tests")
 TRAIN = ["train", "--model", "mlp300", "--epochs", "1", "--output-dir", "/runs"]
 # Free space a build from nothing takes at its peak in the store, with a margin: vfs keeps a full copy of the file
 # system per build step and per container (18.5 GB at the peak on the stand-in base, running included); overlay
 # keeps each layer once (3.1 GB for the image and its base).
-NEEDED_GB = {"overlay": 8, "vfs": 22}
+# The gpu flavour adds NVIDIA's CUDA wheels (a layer of about 6.5 GB).
+NEEDED_GB = {"cpu": {"overlay": 8, "vfs": 22}, "gpu": {"overlay": 18, "vfs": 60}}
+# What TensorFlow 2.21 loads on a GPU, and what loads it in turn: each must load in the gpu flavour.
+CUDA_LIBRARIES = {"cudart", "cublas", "cublasLt", "cufft", "curand", "cusolver", "cusparse", "cudnn", "cudnn parts",
+                  "nccl", "nvrtc", "nvJitLink", "cupti"}
+DEBIAN_SOURCES = """Types: deb
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+"""
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("buildah") and shutil.which("debootstrap")),
@@ -64,23 +80,32 @@ def _run(command: list[str], timeout: float = 1800, **kwargs) -> subprocess.Comp
 
 
 def _base_image() -> None:
-    """The stand-in base: Debian bookworm with python3, venv and pip, and this machine's CA bundle (pip inside
-    must trust the package mirror's certificate)."""
+    """The stand-in base: what debian:bookworm-slim is, made here (a minimal Debian bookworm root file system, no
+    Python: the Dockerfile installs Debian's own), plus this machine's CA bundle as a local certificate, which
+    the ca-certificates package the Dockerfile installs adds to the system bundle (pip inside must trust the
+    package mirror's certificate)."""
     if subprocess.run([*buildah(), "inspect", BASE], capture_output=True).returncode == 0:
         return
     os.makedirs(CACHE, exist_ok=True)
-    tarball = os.path.join(CACHE, "rootfs.tar")
+    tarball = os.path.join(CACHE, "bookworm-minbase.tar")
     if not os.path.exists(tarball):
-        rootfs = os.path.join(CACHE, "rootfs")
+        rootfs = os.path.join(CACHE, "bookworm-minbase")
         shutil.rmtree(rootfs, ignore_errors=True)
-        _run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,python3-pip,ca-certificates",
-              "bookworm", rootfs])
-        shutil.copy("/etc/ssl/certs/ca-certificates.crt", os.path.join(rootfs, "etc/ssl/certs/ca-certificates.crt"))
+        _run(["debootstrap", "--variant=minbase", "bookworm", rootfs])
+        # As slim as the official image: no downloaded packages or package lists left behind.
+        _run(["sh", "-c", f"rm -rf {rootfs}/var/cache/apt/archives/*.deb {rootfs}/var/lib/apt/lists/*"])
+        # The package sources of the official image: the release, its updates and its security fixes.
+        os.remove(os.path.join(rootfs, "etc/apt/sources.list"))
+        with open(os.path.join(rootfs, "etc/apt/sources.list.d/debian.sources"), "w") as f:
+            f.write(DEBIAN_SOURCES)
+        local_certificates = os.path.join(rootfs, "usr/local/share/ca-certificates")
+        os.makedirs(local_certificates, exist_ok=True)
+        shutil.copy("/etc/ssl/certs/ca-certificates.crt", os.path.join(local_certificates, "this-machine.crt"))
         _run(["tar", "-C", rootfs, "-cf", tarball + ".partial", "."])
         os.replace(tarball + ".partial", tarball)
         shutil.rmtree(rootfs)
     with open(os.path.join(CACHE, "Containerfile"), "w") as f:
-        f.write("FROM scratch\nADD rootfs.tar /\nCMD [\"python3\"]\n")
+        f.write("FROM scratch\nADD bookworm-minbase.tar /\nCMD [\"bash\"]\n")
     _run([*buildah(), "bud", "--isolation", "chroot", "-f", os.path.join(CACHE, "Containerfile"), "-t", BASE, CACHE])
 
 
@@ -89,33 +114,41 @@ def _store() -> dict:
     return json.loads(_run([*buildah(), "info"]).stdout)["store"]
 
 
-def _make_buildah() -> list[str]:
-    """The make variables that build and run the test image with buildah on the tests' store."""
+def _make_buildah(flavour: str = "cpu") -> list[str]:
+    """The make variables that build and run the test image (the cpu flavour unless told) with buildah on the
+    tests' store."""
     return ["CONTAINER=buildah", f"BUILDAH={' '.join(buildah())}", f"BASE_IMAGE={BASE}", f"IMAGE={IMAGE}",
-            f"TAG={TAG}"]
+            f"TAG={TAG}", f"FLAVOUR={flavour}"]
 
 
 def _prune_stale_images() -> None:
     """Remove images no tag reaches any more (an earlier build's code steps), leaf first, keeping every step the
-    tagged images are built from (the build cache)."""
+    tagged images are built from (the build cache). A build that failed leaves its working container behind,
+    which holds its image: such containers go first (only this file's tests use the store, one at a time)."""
+    _run([*buildah(), "rm", "--all"])
     while dangling := _run([*buildah(), "images", "--all", "--quiet", "--filter", "dangling=true"]).stdout.split():
         _run([*buildah(), "rmi", *dangling])
 
 
-@pytest.fixture(scope="module")
-def image() -> str:
-    """The project's image, built by `make image` with buildah on the stand-in base."""
+def _room_to_build(flavour: str) -> None:
+    """Skip unless the tests' image store has the free space a build of `flavour` from nothing needs."""
     store = _store()
-    root, needed = store["GraphRoot"], NEEDED_GB[store["GraphDriverName"]]
+    root, needed = store["GraphRoot"], NEEDED_GB[flavour][store["GraphDriverName"]]
     os.makedirs(root, exist_ok=True)
     free = shutil.disk_usage(root).free / 1e9
     if free < needed:
-        pytest.skip(f"building the image needs {needed} GB free under {root} ({store['GraphDriverName']} storage); "
+        pytest.skip(f"building the {flavour} image needs {needed} GB free under {root} ({store['GraphDriverName']} storage); "
                     f"{free:.1f} GB are free")
+
+
+@pytest.fixture(scope="module")
+def image() -> str:
+    """The project's image (cpu flavour), built by `make image` with buildah on the stand-in base."""
+    _room_to_build("cpu")
     _base_image()
     _run(["make", "image", *_make_buildah()], cwd=ROOT)
     _prune_stale_images()
-    return f"{IMAGE}:{TAG}"
+    return f"{IMAGE}:{TAG}-cpu"
 
 
 def _writable_folder(path) -> str:
@@ -182,7 +215,8 @@ def test_without_a_docker_engine_make_image_uses_podman_and_builds_the_same_imag
     engine = shutil.which("docker") and subprocess.run(["docker", "version"], capture_output=True).returncode == 0
     database = _run(["make", "--no-print-directory", "-pn", "image"], cwd=ROOT, env=podman_env).stdout
     assert re.search(r"^CONTAINER := (\S+)$", database, re.M).group(1) == ("docker" if engine else "podman")
-    make = ["make", "--no-print-directory", "CONTAINER=podman", f"BASE_IMAGE={BASE}", f"IMAGE={IMAGE}", f"TAG={TAG}"]
+    make = ["make", "--no-print-directory", "CONTAINER=podman", f"BASE_IMAGE={BASE}", f"IMAGE={IMAGE}", f"TAG={TAG}",
+            "FLAVOUR=cpu"]
     built = _run([*make, "image"], cwd=ROOT, env=podman_env)
     assert "podman build" in built.stdout
     podman_id = _run(["podman", "image", "inspect", "--format", "{{.Id}}", image], env=podman_env).stdout.strip()
@@ -190,7 +224,7 @@ def test_without_a_docker_engine_make_image_uses_podman_and_builds_the_same_imag
     # `make local` then runs that image with podman (not run here: see the README).
     local = _run([*make, "-n", "-o", "image", "local", "LOCAL_USER=4321:4321", "OUTPUT_DIR=/somewhere", "RUN=p",
                   "LOCAL_GPUS=0"], cwd=ROOT, env=podman_env).stdout
-    assert (f"podman run --rm --shm-size 2g --user 4321:4321 -v /somewhere:/runs {image} train --output-dir /runs"
+    assert (f"podman run --rm --user 4321:4321 -v /somewhere:/runs --shm-size 2g {image} train --output-dir /runs"
             in one_line(local))
 
 
@@ -223,7 +257,7 @@ def registry(tmp_path):
 
 def test_make_pin_base_pins_the_base_to_the_digest_its_tag_names(registry, tmp_path):
     _base_image()
-    tag = f"{registry}/tensorflow-stand-in:2.21.0-gpu"
+    tag = f"{registry}/debian-stand-in:bookworm-slim"
     digest_file = tmp_path / "pushed.digest"
     _run([*buildah(), "push", "--tls-verify=false", "--digestfile", str(digest_file), BASE, f"docker://{tag}"])
     pushed = digest_file.read_text().strip()
@@ -249,3 +283,66 @@ def test_make_pin_base_pins_the_base_to_the_digest_its_tag_names(registry, tmp_p
                              capture_output=True, text=True)
     assert missing.returncode != 0 and "nothing:here" in missing.stderr
     assert dockerfile.read_text() == text
+
+
+@pytest.fixture(scope="module")
+def gpu_image() -> subprocess.CompletedProcess:
+    """`make gpu-check`: the gpu flavour built on the stand-in base, then its check run inside as two users."""
+    _room_to_build("gpu")
+    _base_image()
+    check = subprocess.run(["make", "--no-print-directory", "gpu-check", *_make_buildah("gpu")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=3600)
+    _prune_stale_images()
+    return check
+
+
+def _in_image(image: str, *args: str, user: str = "1000:1000", env: dict | None = None) -> subprocess.CompletedProcess:
+    """The image's entrypoint with `args`, run by buildah as `user`."""
+    container = _run([*buildah(), "from", image]).stdout.strip()
+    try:
+        settings = [f"--env={name}={value}" for name, value in (env or {}).items()]
+        return subprocess.run([*buildah(), "run", "--isolation", "chroot", "--user", user, *settings, container, "--",
+                               *image_entrypoint(), *args], capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run([*buildah(), "rm", container], capture_output=True)
+
+
+def _check_lines(report: str) -> dict[str, str]:
+    """`python -m trainer gpus` output: library -> its line."""
+    return {re.split(r"\s{2,}", line)[1]: line for line in report.splitlines() if re.match(r"(ok|MISSING|BAD) ", line)}
+
+
+def test_make_gpu_check_loads_every_cuda_library_tensorflow_needs_all_but_the_driver_as_any_user(gpu_image):
+    assert gpu_image.returncode == 0, gpu_image.stdout[-3000:] + gpu_image.stderr[-3000:]
+    reports = gpu_image.stdout.split("TensorFlow 2.21.0, built for CUDA 12.5.1 and cuDNN 9\n")[1:]
+    assert len(reports) == 2  # as the image's user 1000, and as an arbitrary UID with no passwd entry
+    for report in reports:
+        lines = _check_lines(report)
+        assert {name for name, line in lines.items() if line.startswith("ok ")} == CUDA_LIBRARIES, report
+        assert lines["driver"].startswith("MISSING driver") and "libcuda.so.1" in lines["driver"]
+        assert "the driver (libcuda.so.1) is the one thing missing" in report
+        # Each at a version of CUDA 12 at 12.5 or newer, cuDNN 9 at 9.3 or newer, from the image's own wheels.
+        cudart = re.search(r"libcudart\.so\.12 +12\.(\d+) +(\S+)", lines["cudart"])
+        assert int(cudart.group(1)) >= 5 and cudart.group(2).startswith("/opt/venv/lib/python3.11/site-packages/nvidia/")
+        assert int(re.search(r"libcudnn\.so\.9 +9\.(\d+)\.", lines["cudnn"]).group(1)) >= 3
+        # cuSOLVER is not on the RUNPATH TensorFlow loads through: the image's LD_LIBRARY_PATH brings it.
+        assert "site-packages/nvidia/cusolver/lib/libcusolver.so.11  (opened by TensorFlow)" in lines["cusolver"]
+
+
+def test_without_the_images_library_path_tensorflow_does_not_find_cusolver(gpu_image):
+    assert gpu_image.returncode == 0, gpu_image.stderr[-3000:]
+    bare = _in_image(f"{IMAGE}:{TAG}", "gpus", env={"LD_LIBRARY_PATH": ""})
+    assert bare.returncode == 71, bare.stdout + bare.stderr
+    lines = _check_lines(bare.stdout)
+    assert [name for name, line in lines.items() if not line.startswith("ok ")] == ["cusolver", "driver"]
+
+
+def test_the_gpu_image_without_a_driver_names_it_in_its_one_error_line(gpu_image, tmp_path):
+    assert gpu_image.returncode == 0, gpu_image.stderr[-3000:]
+    result = _in_image(f"{IMAGE}:{TAG}", "train", "--model", "mlp300", "--output-dir", "/tmp/runs", "--run", "g",
+                       "--expect-gpus", "1")
+    assert result.returncode == 71 and result.stdout == ""
+    assert result.stderr == ("error: this pod was given 1 GPU(s) but TensorFlow sees 0: no NVIDIA driver: libcuda.so.1 "
+                             "not found (the node's driver is mounted into the container by NVIDIA's device plugin or "
+                             "container toolkit; GKE mounts it at /usr/local/nvidia/lib64); not training on the CPU "
+                             "instead\n")

@@ -49,6 +49,23 @@ def test_submit_pushes_to_the_registry_and_trains_into_the_bucket():
             "--output-dir gs://my-runs/runs --gpus 4 --workers 1") in launch
 
 
+@pytest.mark.parametrize("goal", ["push", "submit", "tensorboard", "gpu-check"])
+def test_the_cluster_goals_and_gpu_check_build_the_gpu_flavour_even_when_told_cpu(goal):
+    commands = _make("-n", goal, "REGISTRY=registry.example/team/mnist", "BUCKET=my-runs", "CONTAINER=docker",
+                     "TAG=v1", "FLAVOUR=cpu").stdout
+    assert ("docker build -f docker/Dockerfile --build-arg FLAVOUR=gpu -t registry.example/team/mnist/mnist-trainer:v1 "
+            in one_line(commands))
+
+
+def test_make_local_builds_the_cpu_flavour_without_gpus_and_the_gpu_flavour_with_them(tmp_path):
+    without = one_line(_make("-n", "local", "CONTAINER=docker", "TAG=v1", path=_driver_listing(tmp_path, 0)).stdout)
+    assert "--build-arg FLAVOUR=cpu -t localhost/mnist-trainer:v1-cpu ." in without
+    assert " localhost/mnist-trainer:v1-cpu train " in without
+    with_gpus = one_line(_make("-n", "local", "CONTAINER=docker", "TAG=v1", path=_driver_listing(tmp_path, 2)).stdout)
+    assert "--build-arg FLAVOUR=gpu -t localhost/mnist-trainer:v1 ." in with_gpus
+    assert "--gpus 2 localhost/mnist-trainer:v1 train " in with_gpus
+
+
 def test_tensorboard_runs_an_image_it_has_pushed():
     commands = _make("-n", "tensorboard", "REGISTRY=registry.example/team/mnist", "BUCKET=my-runs",
                      "CONTAINER=docker", "TAG=v1").stdout

@@ -16,7 +16,7 @@ from typing import NoReturn, Sequence
 from trainer import config as config_lib
 from trainer import run_dir
 from trainer.cluster import this_task
-from trainer.config import (EXIT_PEER_LOST, EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags,
+from trainer.config import (EXIT_NO_GPU, EXIT_PEER_LOST, EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags,
                             config_from_args, fail, given_flags)
 from trainer.sigterm import StopSignal
 from trainer.runtime import load_tensorflow, set_tensorflow_env
@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--data-source", choices=config_lib.DATA_SOURCES, default="auto",
                       help="where to read from; auto: TFDS if prepared, else IDX files / packaged copy, "
                            "else a TFDS download (default: %(default)s)")
+
+    command("gpus", "check, with or without a GPU, each CUDA library TensorFlow loads on a GPU: found where "
+                    "TensorFlow looks, loaded, of a version it was built for; then the node's driver. Exit "
+                    f"{EXIT_NO_GPU} unless every library but the driver is usable")
     return parser
 
 
@@ -92,7 +96,7 @@ def main(argv: Sequence[str] | None = None, stop: StopSignal | None = None) -> i
             return cmd_train(args, stop)
         stop.release()  # nothing to save: SIGTERM ends the other commands as it always would
         return {"evaluate": cmd_evaluate, "predict": cmd_predict, "analyze": cmd_analyze,
-                "data": cmd_data}[args.command](args)
+                "data": cmd_data, "gpus": cmd_gpus}[args.command](args)
     except TrainerError as error:
         _fail(str(error), error.exit_code)
     except Exception as error:
@@ -253,3 +257,14 @@ def cmd_data(args: argparse.Namespace) -> int:
         train, test = load_split(data_config, "train"), load_split(data_config, "test")
         print(f"{name}: {len(train)} train + {len(test)} test images, verified, from {train.source}")
     return 0
+
+
+def cmd_gpus(args: argparse.Namespace) -> int:
+    """Print one line per CUDA library TensorFlow needs on a GPU, and the driver; exit 71 unless every library is
+    usable (the driver may be missing: it comes from the node)."""
+    load_tensorflow(args.verbose)
+    from trainer.gpus import check, report
+
+    lines, usable = report(check())
+    print("\n".join(lines))
+    return 0 if usable else EXIT_NO_GPU

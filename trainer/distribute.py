@@ -18,6 +18,7 @@ from tensorflow.python.eager import context as tf_context
 
 from trainer.cluster import configure_cluster
 from trainer.config import EXIT_NO_GPU, EXIT_PEER_LOST, ConfigError, RuntimeConfig, TrainerError
+from trainer.gpus import missing_cause
 
 
 class PeerLost(TrainerError):
@@ -37,9 +38,8 @@ def check_gpus(expected: int) -> None:
     """Raise GpusMissing unless TensorFlow sees at least `expected` GPUs."""
     found = len(tf.config.list_physical_devices("GPU"))
     if found < expected:
-        raise GpusMissing(
-            f"this pod was given {expected} GPU(s) but TensorFlow sees {found}: its NVIDIA driver, CUDA or cuDNN "
-            "libraries did not load (--verbose shows TensorFlow's reasons); not training on the CPU instead")
+        raise GpusMissing(f"this pod was given {expected} GPU(s) but TensorFlow sees {found}: "
+                          f"{missing_cause(expected)}; not training on the CPU instead")
 
 
 def _configure_coordination(runtime: RuntimeConfig, workers: int) -> None:

@@ -1,0 +1,114 @@
+"""`make image-sizes`: the size of each flavour of the image and of each of its layers, compressed (gzip, as a
+registry stores and a node pulls it) and uncompressed (on the node's disk); written to bench/image_sizes.json and
+rendered into the README's table.
+
+python -m bench.image_sizes IMAGE:TAG ... measures the images in buildah's store (BUILDAH: its command);
+python -m bench.image_sizes --render rewrites the README's table from the JSON alone."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import zlib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(ROOT, "bench", "image_sizes.json")
+README = os.path.join(ROOT, "README.md")
+BEGIN, END = "<!-- image sizes: make image-sizes -->", "<!-- end of image sizes -->"
+# What docker/Dockerfile's steps put in the image's last layers, in order; every layer before them is the base's.
+BASE = "the base (Debian bookworm)"
+LAYERS = ("Debian's Python 3.11", "MNIST and Fashion-MNIST", "setup.py and the constraints",
+          "Python dependencies (TensorFlow; gpu: the CUDA wheels)", "the code")
+
+
+def _uncompressed(blob: str) -> int:
+    """Bytes of a gzip blob once unpacked (streamed: a layer can hold gigabytes)."""
+    inflate, size = zlib.decompressobj(16 + zlib.MAX_WBITS), 0
+    with open(blob, "rb") as f:
+        while chunk := f.read(1 << 22):
+            size += len(inflate.decompress(chunk))
+    return size + len(inflate.flush())
+
+
+def measure(buildah: list[str], image: str) -> dict:
+    """Each non-empty layer of `image`: what made it, its gzip size and its unpacked size."""
+    with tempfile.TemporaryDirectory(dir=os.path.join(ROOT, "build")) as out:
+        subprocess.run([*buildah, "push", "--quiet", "--compression-format", "gzip", image,
+                        f"oci:{out}"], check=True, capture_output=True)
+        with open(os.path.join(out, "index.json")) as f:
+            manifest_digest = json.load(f)["manifests"][0]["digest"]
+
+        def blob(digest: str) -> str:
+            return os.path.join(out, "blobs", *digest.split(":"))
+
+        with open(blob(manifest_digest)) as f:
+            manifest = json.load(f)
+        blobs = manifest["layers"]
+        names = [BASE] * (len(blobs) - len(LAYERS)) + list(LAYERS)
+        layers = [{"layer": name, "compressed": layer["size"], "uncompressed": _uncompressed(blob(layer["digest"]))}
+                  for name, layer in zip(names, blobs)]
+    return {"image": image, "layers": layers, "compressed": sum(x["compressed"] for x in layers),
+            "uncompressed": sum(x["uncompressed"] for x in layers)}
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.0f} kB"
+
+
+def render(results: dict) -> str:
+    """The README's table: one column pair per flavour, one row per layer, then the totals."""
+    flavours = list(results["flavours"])
+    lines = [f"Measured on {results['date']}, on the tests' stand-in base; compressed: gzip, as a registry serves a "
+             "layer to a node.",
+             "", "| layer | " + " | ".join(f"{f}: compressed | {f}: on disk" for f in flavours) + " |",
+             "|---|" + "---:|---:|" * len(flavours)]
+    first = results["flavours"][flavours[0]]["layers"]
+    for index, layer in enumerate(first):
+        cells = []
+        for flavour in flavours:
+            layer = results["flavours"][flavour]["layers"][index]
+            cells += [_mb(layer["compressed"]), _mb(layer["uncompressed"])]
+        lines.append(f"| {first[index]['layer']} | " + " | ".join(cells) + " |")
+    totals = [cell for f in flavours for cell in (_mb(results["flavours"][f]["compressed"]),
+                                                   _mb(results["flavours"][f]["uncompressed"]))]
+    lines.append("| **the image** | " + " | ".join(f"**{cell}**" for cell in totals) + " |")
+    return "\n".join(lines)
+
+
+def render_readme(results: dict) -> None:
+    """Replace the README's table between its markers with one rendered from `results`."""
+    with open(README) as f:
+        text = f.read()
+    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        sys.exit(f"error: {README} has no '{BEGIN}' ... '{END}' block")
+    with open(README, "w") as f:
+        f.write(pattern.sub(lambda _: f"{BEGIN}\n{render(results)}\n{END}", text))
+
+
+def main(argv: list[str]) -> int:
+    """Measure the images named in argv (flavour=IMAGE:TAG), or only re-render with --render."""
+    if argv != ["--render"]:
+        buildah = shlex.split(os.environ.get("BUILDAH", "buildah"))
+        flavours = {}
+        for item in argv:
+            flavour, _, image = item.partition("=")
+            flavours[flavour] = measure(buildah, image)
+        results = {"date": datetime.date.today().isoformat(), "flavours": flavours}
+        with open(RESULTS, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    with open(RESULTS) as f:
+        render_readme(json.load(f))
+    print(render(json.load(open(RESULTS))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -18,7 +18,6 @@ from tensorflow.python.eager import context as tf_context
 
 from trainer.cluster import configure_cluster
 from trainer.config import EXIT_NO_GPU, EXIT_PEER_LOST, ConfigError, RuntimeConfig, TrainerError
-from trainer.gpus import missing_cause
 
 
 class PeerLost(TrainerError):
@@ -38,6 +37,9 @@ def check_gpus(expected: int) -> None:
     """Raise GpusMissing unless TensorFlow sees at least `expected` GPUs."""
     found = len(tf.config.list_physical_devices("GPU"))
     if found < expected:
+        # Only a pod that misses its GPUs pays for the check's imports (packaging's requirement parser).
+        from trainer.gpus import missing_cause
+
         raise GpusMissing(f"this pod was given {expected} GPU(s) but TensorFlow sees {found}: "
                           f"{missing_cause(expected)}; not training on the CPU instead")
 

@@ -280,9 +280,9 @@ def _check_cudnn_parts() -> Found:
                  f"{', '.join(p.lower() for p in _CUDNN_PARTS)} opened by cuDNN  {os.path.dirname(path)}")
 
 
-def check_driver(framework: ctypes.CDLL | None = None) -> Found:
+def _check_driver(framework: ctypes.CDLL) -> Found:
     """The node's NVIDIA driver, as TensorFlow opens it: its CUDA version and how many GPUs it shows."""
-    handle, error = _tensorflow_opens(framework or _framework(), "CudaDriver")
+    handle, error = _tensorflow_opens(framework, "CudaDriver")
     if handle is None:
         return Found("driver", DRIVER, False, f"not found ({error}): the driver comes from the node, not the image")
     path = _handle_path(handle)
@@ -309,7 +309,7 @@ def check() -> list[Found]:
         found.append(_check(library, framework, requirements, built))
         if library.name == "cudnn":
             found.append(_check_cudnn_parts())
-    return found + [check_driver(framework)]
+    return found + [_check_driver(framework)]
 
 
 def _hidden_by_environment() -> str:

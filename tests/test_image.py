@@ -151,6 +151,22 @@ def image() -> str:
     return f"{IMAGE}:{TAG}-cpu"
 
 
+def _in_image(image: str, *args: str, user: str = "1000:1000", volumes: tuple | list = (),
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    """The image's entrypoint with `args`, run by buildah as `user`, with `volumes` (HOST:CONTAINER) and `env`."""
+    container = _run([*buildah(), "from", image]).stdout.strip()
+    try:
+        # `buildah run` takes a command, not the image's: its ENTRYPOINT, as the image records it, comes first.
+        entrypoint = _run([*buildah(), "inspect", "--type", "container", "--format",
+                           "{{range .OCIv1.Config.Entrypoint}}{{.}} {{end}}", container]).stdout.split()
+        settings = [f"--env={name}={value}" for name, value in (env or {}).items()]
+        settings += [f"--volume={volume}" for volume in volumes]
+        return subprocess.run([*buildah(), "run", "--isolation", "chroot", "--user", user, *settings, container, "--",
+                               *entrypoint, *args], capture_output=True, text=True, timeout=900)
+    finally:
+        subprocess.run([*buildah(), "rm", container], capture_output=True)
+
+
 def _writable_folder(path) -> str:
     os.makedirs(path)
     os.chmod(path, 0o777)  # the container's users are not this test's
@@ -167,17 +183,10 @@ def _evaluates_as_recorded(runs: str, run: str, data_dir: str) -> dict:
 
 def test_the_image_trains_a_run_that_the_host_evaluates(image, tmp_path, data_dir):
     runs = _writable_folder(tmp_path / "runs")
-    container = _run([*buildah(), "from", image]).stdout.strip()
-    try:
-        # `buildah run` takes a command, not the image's: its ENTRYPOINT, as the image records it, comes first.
-        entrypoint = _run([*buildah(), "inspect", "--type", "container", "--format",
-                           "{{range .OCIv1.Config.Entrypoint}}{{.}} {{end}}", container]).stdout.split()
-        assert entrypoint == image_entrypoint()
-        result = subprocess.run([*buildah(), "run", "--isolation", "chroot", "--user", "1000:1000", "-v",
-                                 f"{runs}:/runs", container, "--", *entrypoint, *TRAIN, "--run", "img"],
-                                capture_output=True, text=True, timeout=900)
-    finally:
-        subprocess.run([*buildah(), "rm", container], capture_output=True)
+    recorded = _run([*buildah(), "inspect", "--type", "image", "--format",
+                     "{{range .OCIv1.Config.Entrypoint}}{{.}} {{end}}", image]).stdout.split()
+    assert recorded == image_entrypoint()
+    result = _in_image(image, *TRAIN, "--run", "img", volumes=[f"{runs}:/runs"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "run folder: /runs/img" in result.stdout
     metrics = _evaluates_as_recorded(runs, "img", data_dir)
@@ -294,17 +303,6 @@ def gpu_image() -> subprocess.CompletedProcess:
                            capture_output=True, text=True, timeout=3600)
     _prune_stale_images()
     return check
-
-
-def _in_image(image: str, *args: str, user: str = "1000:1000", env: dict | None = None) -> subprocess.CompletedProcess:
-    """The image's entrypoint with `args`, run by buildah as `user`."""
-    container = _run([*buildah(), "from", image]).stdout.strip()
-    try:
-        settings = [f"--env={name}={value}" for name, value in (env or {}).items()]
-        return subprocess.run([*buildah(), "run", "--isolation", "chroot", "--user", user, *settings, container, "--",
-                               *image_entrypoint(), *args], capture_output=True, text=True, timeout=900)
-    finally:
-        subprocess.run([*buildah(), "rm", container], capture_output=True)
 
 
 def _check_lines(report: str) -> dict[str, str]:

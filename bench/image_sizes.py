@@ -68,13 +68,10 @@ def render(results: dict) -> str:
              "layer to a node.",
              "", "| layer | " + " | ".join(f"{f}: compressed | {f}: on disk" for f in flavours) + " |",
              "|---|" + "---:|---:|" * len(flavours)]
-    first = results["flavours"][flavours[0]]["layers"]
-    for index, layer in enumerate(first):
-        cells = []
-        for flavour in flavours:
-            layer = results["flavours"][flavour]["layers"][index]
-            cells += [_mb(layer["compressed"]), _mb(layer["uncompressed"])]
-        lines.append(f"| {first[index]['layer']} | " + " | ".join(cells) + " |")
+    rows = zip(*(results["flavours"][flavour]["layers"] for flavour in flavours))  # one layer of each flavour
+    for row in rows:
+        cells = [_mb(size) for layer in row for size in (layer["compressed"], layer["uncompressed"])]
+        lines.append(f"| {row[0]['layer']} | " + " | ".join(cells) + " |")
     totals = [cell for f in flavours for cell in (_mb(results["flavours"][f]["compressed"]),
                                                    _mb(results["flavours"][f]["uncompressed"]))]
     lines.append("| **the image** | " + " | ".join(f"**{cell}**" for cell in totals) + " |")
@@ -100,13 +97,13 @@ def main(argv: list[str]) -> int:
         for item in argv:
             flavour, _, image = item.partition("=")
             flavours[flavour] = measure(buildah, image)
-        results = {"date": datetime.date.today().isoformat(), "flavours": flavours}
         with open(RESULTS, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"date": datetime.date.today().isoformat(), "flavours": flavours}, f, indent=2)
             f.write("\n")
     with open(RESULTS) as f:
-        render_readme(json.load(f))
-    print(render(json.load(open(RESULTS))))
+        results = json.load(f)
+    render_readme(results)
+    print(render(results))
     return 0
 
 

@@ -76,6 +76,11 @@ ifeq ($(BUCKET),)
 $(error error: make $(BUCKET_GOAL) needs BUCKET=NAME, the bucket that holds the runs (gs://NAME/runs))
 endif
 endif
+ifneq ($(filter image-sizes,$(MAKECMDGOALS)),)
+ifeq ($(CONTAINER),docker)
+$(error error: make image-sizes needs buildah or podman (CONTAINER=buildah): the image is pushed to a folder to be measured)
+endif
+endif
 ifneq ($(filter local,$(MAKECMDGOALS)),)
 ifeq ($(shell echo '$(LOCAL_GPUS)' | grep -Ex '[0-9]+'),)
 $(error error: make local needs LOCAL_GPUS=N, a number of GPUs (0: none), got '$(LOCAL_GPUS)')
@@ -178,9 +183,6 @@ gpu-check: image
 # The size of both flavours and of each layer, compressed and unpacked: bench/image_sizes.json and the README's
 # table (buildah or podman: the image is pushed to a folder to be measured).
 image-sizes: install
-ifeq ($(CONTAINER),docker)
-	@echo "error: make image-sizes needs buildah or podman (CONTAINER=buildah)" >&2; exit 2
-endif
 	$(MAKE) --no-print-directory image FLAVOUR=gpu
 	$(MAKE) --no-print-directory image FLAVOUR=cpu
 	BUILDAH='$(if $(filter podman,$(CONTAINER)),podman,$(BUILDAH))' $(PY) -m bench.image_sizes \

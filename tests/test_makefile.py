@@ -133,3 +133,8 @@ def test_the_project_installs_editable_without_a_word(tmp_path):
     assert result.stdout + result.stderr == ""
     paths = list(tmp_path.glob("lib/python*/site-packages/__editable__.*.pth"))
     assert [p.read_text().split() for p in paths] == [[ROOT]]  # the code is used where it is edited
+
+
+def test_image_sizes_with_docker_says_it_needs_buildah_or_podman_before_building():
+    line = _one_error_line(_make("image-sizes", "CONTAINER=docker"))
+    assert "error: make image-sizes needs buildah or podman" in line

@@ -16,8 +16,8 @@ from typing import NoReturn, Sequence
 from trainer import config as config_lib
 from trainer import run_dir
 from trainer.cluster import this_task
-from trainer.config import (EXIT_NO_GPU, EXIT_PEER_LOST, EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError, add_flags,
-                            config_from_args, fail, given_flags)
+from trainer.config import (EXIT_NO_GPU, EXIT_PEER_LOST, EXIT_STORE, EXIT_USAGE, ConfigError, Parser, TrainerError,
+                            add_flags, config_from_args, fail, given_flags)
 from trainer.sigterm import StopSignal
 from trainer.runtime import load_tensorflow, set_tensorflow_env
 from trainer.storage import disk_full

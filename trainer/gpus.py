@@ -53,6 +53,7 @@ class Found:
     ok: bool
     detail: str  # the version and path, or why it failed
     path: str = ""
+    version: str = ""  # as the library (or the driver) reports it
 
 
 def _int_out(function: str) -> Callable[[ctypes.CDLL], tuple[int, ...]]:
@@ -296,8 +297,8 @@ def _check_driver(framework: ctypes.CDLL) -> Found:
         driver.cuDeviceGetCount(ctypes.byref(count))
     if status or not count.value:
         return Found("driver", DRIVER, False, f"{shown}, but it shows no GPU to this container (cuInit {status})",
-                     path)
-    return Found("driver", DRIVER, True, f"{shown}, {count.value} GPU(s)  {path}", path)
+                     path, shown)
+    return Found("driver", DRIVER, True, f"{shown}, {count.value} GPU(s)  {path}", path, shown)
 
 
 def check() -> list[Found]:
@@ -343,10 +344,9 @@ def missing_cause(expected: int) -> str:
     causes += [f"{r.soname} {r.detail}" for r in libraries if not r.ok and r.path]
     if causes:
         return "; ".join(causes)
-    shows = driver.detail.split("  ")[0]
     if not driver.ok:
-        return f"the driver ({shows}) is found, but the pod's GPUs are hidden from this container"
-    return (f"the driver ({shows}) and every CUDA library load, so {expected} GPU(s) were expected of a driver that "
+        return f"the driver ({driver.version}) is found, but the pod's GPUs are hidden from this container"
+    return (f"the driver ({driver.version}) and every CUDA library load, so {expected} GPU(s) were expected of a driver that "
             "shows fewer (--verbose shows TensorFlow's own reasons)")
 
 

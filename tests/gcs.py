@@ -1,19 +1,26 @@
 """Real GCS-compatible servers on loopback, each in its own process: gcp-storage-emulator (the suite's), and
-fake-gcs-server where generation preconditions must hold (the emulator ignores them); and a proxy that fails a
-share of requests, for the storage tests."""
+fake-gcs-server where generation preconditions must hold (the emulator ignores them); and a proxy in front of
+them that records every request, fails a share of them if asked, and lets clients of Google's own hosts in."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import http.client
 import http.server
+import json
 import os
 import random
 import socket
+import socketserver
+import ssl
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import urllib.request
+from typing import Any
 
 
 def free_port() -> int:
@@ -61,16 +68,87 @@ class FakeGCS(Emulator):
                      "-port", str(self.port), "-log-level", "error"], "/storage/v1/b")
 
 
-class FlakyProxy:
-    """Forwards HTTP requests to `upstream`, answering a seeded share of them with 503 instead."""
+# The hosts Google's clients call directly (JSON API, XML API, OAuth), which the proxy answers through TLS.
+GOOGLE_HOSTS = ("www.googleapis.com", "storage.googleapis.com", "oauth2.googleapis.com", "accounts.google.com")
+METADATA_HOST = "metadata.google.internal"
+TOKEN = {"access_token": "test-token", "expires_in": 3600, "token_type": "Bearer"}
 
-    def __init__(self, upstream_port: int, failure_rate: float, seed: int = 0) -> None:
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One request the proxy forwarded to the storage server."""
+
+    method: str
+    host: str
+    path: str  # with its query
+
+    def __str__(self) -> str:
+        return f"{self.method} {self.host}{self.path}"
+
+
+def _test_ca(folder: str) -> tuple[str, str, str]:
+    """A CA made for this proxy and a certificate it signed for GOOGLE_HOSTS: (ca.pem, cert.pem, key.pem)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> Any:
+        builder = (x509.CertificateBuilder().serial_number(x509.random_serial_number())
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if ca:
+            builder = builder.add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
+                decipher_only=False), critical=True)
+        else:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.DNSName(h) for h in GOOGLE_HOSTS]), critical=False)
+        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        if not ca:
+            builder = builder.add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = certificate("mnist-trainer test CA", ca_key, "mnist-trainer test CA", ca_key, ca=True)
+    leaf = certificate(GOOGLE_HOSTS[0], leaf_key, "mnist-trainer test CA", ca_key, ca=False)
+    paths = tuple(os.path.join(folder, name) for name in ("ca.pem", "cert.pem", "key.pem"))
+    for path, data in zip(paths, (ca.public_bytes(serialization.Encoding.PEM),
+                                  leaf.public_bytes(serialization.Encoding.PEM),
+                                  leaf_key.private_bytes(serialization.Encoding.PEM,
+                                                         serialization.PrivateFormat.TraditionalOpenSSL,
+                                                         serialization.NoEncryption()))):
+        with open(path, "wb") as f:
+            f.write(data)
+    return paths
+
+
+class Proxy:
+    """Forwards HTTP requests to the storage server at `upstream_port`, recording each (`requests`) and answering
+    a seeded share of them with 503 instead. Given a folder for its `ca`, it is also an HTTP(S) proxy for clients
+    that call Google's own hosts (TensorBoard's data server): it ends their TLS with a certificate its CA signed,
+    forwards their storage requests the same way, and answers as GKE's metadata server does (an access token)."""
+
+    def __init__(self, upstream_port: int, failure_rate: float = 0.0, seed: int = 0, ca: str | None = None) -> None:
         self.failures = 0
-        self.requests = 0
         self.body_bytes = 0  # request bytes forwarded upstream
+        self.requests: list[Request] = []
         rng = random.Random(seed)
         lock = threading.Lock()
         proxy = self
+        tls = None
+        if ca is not None:
+            self.ca, cert, key = _test_ca(ca)
+            tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls.load_cert_chain(cert, key)
+            tls.set_alpn_protocols(["http/1.1"])
 
         class Handler(http.server.BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -78,33 +156,59 @@ class FlakyProxy:
             def log_message(self, *args: object) -> None:
                 pass
 
+            def _reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
+                self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_CONNECT(self) -> None:
+                if tls is None or self.path.rsplit(":", 1)[0] not in GOOGLE_HOSTS:
+                    self._reply(403)
+                    return
+                self._reply(200)
+                # The same connection now carries TLS; the handler's loop reads the tunnelled requests from it.
+                self.connection = tls.wrap_socket(self.connection, server_side=True)
+                self.rfile = self.connection.makefile("rb")
+                self.wfile = socketserver._SocketWriter(self.connection)
+                self.close_connection = False
+
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                url = urllib.parse.urlsplit(self.path)
+                host = url.hostname or self.headers.get("Host", "").split(":")[0]
+                path = url.path + (f"?{url.query}" if url.query else "")
+                if host == METADATA_HOST:
+                    answers = {"/computeMetadata/v1/instance/service-accounts/default/token": json.dumps(TOKEN),
+                               "/computeMetadata/v1/project/project-id": "test-project"}
+                    found = url.path in answers
+                    self._reply(200 if found else 404, answers.get(url.path, "").encode(),
+                                {"Metadata-Flavor": "Google", "Content-Type": "application/json"})
+                    return
+                if host in ("oauth2.googleapis.com", "accounts.google.com"):
+                    self._reply(200, json.dumps(TOKEN).encode(), {"Content-Type": "application/json"})
+                    return
                 with lock:
-                    proxy.requests += 1
                     fail = rng.random() < failure_rate
                     proxy.failures += fail
                     proxy.body_bytes += 0 if fail else len(body)
+                    proxy.requests.append(Request(self.command, host, path))
                 if fail:
-                    self.send_response(503)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._reply(503)
                     return
                 upstream = http.client.HTTPConnection("127.0.0.1", upstream_port, timeout=30)
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
-                upstream.request(self.command, self.path, body=body, headers=headers)
+                upstream.request(self.command, path, body=body, headers=headers)
                 response = upstream.getresponse()
                 data = response.read()
-                self.send_response(response.status)
-                for key, value in response.getheaders():
-                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
-                        self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                self._reply(response.status, data, {k: v for k, v in response.getheaders()
+                                                    if k.lower() not in ("transfer-encoding", "connection",
+                                                                         "content-length")})
                 upstream.close()
 
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _forward
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _forward
 
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"

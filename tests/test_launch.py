@@ -505,6 +505,27 @@ def test_tensorboard_is_created_then_updated(api):
     assert args["containers"][0]["args"][:2] == ["--logdir", "gs://b/runs"]
 
 
+@pytest.mark.parametrize("command, account", [("submit", "mnist-trainer"), ("tensorboard", "mnist-trainer-tensorboard")])
+def test_a_service_account_is_annotated_only_when_a_google_one_is_given(api, command, account):
+    def run(name: str, *options: str, kubeconfig: str = api.path) -> subprocess.CompletedProcess:
+        where = ["--output-dir", "gs://b/runs", "--run", name] if command == "submit" else ["--logdir", "gs://b/runs"]
+        return launch(command, "--image", "img:1", *where, *options, kubeconfig=kubeconfig)
+
+    key = ("serviceaccounts", "default", account)
+    api.put("serviceaccounts", {"metadata": {"name": account, "namespace": "default",
+                                             "annotations": {"set-by": "the cluster's admin"}}})
+    assert run("sa1").returncode == 0
+    assert api.objects[key]["metadata"]["annotations"] == {"set-by": "the cluster's admin"}  # left alone
+    assert not [m for m, p, _ in api.requests if m == "PATCH" and "serviceaccounts" in p]
+    email = "trainer@p.iam.gserviceaccount.com"
+    result = run("sa2", "--gcp-service-account", email)
+    assert result.returncode == 0, result.stderr
+    assert api.objects[key]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == email
+    dry = run("sa3", "--dry-run", kubeconfig="/nonexistent")
+    written = next(o for o in yaml.safe_load_all(dry.stdout) if o["kind"] == "ServiceAccount")
+    assert written["metadata"]["name"] == account and "annotations" not in written["metadata"]
+
+
 @pytest.mark.parametrize("command", ["submit", "status", "wait", "events", "logs", "cancel", "list", "render",
                                      "tensorboard"])
 def test_every_launcher_command_has_help(command):

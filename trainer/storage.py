@@ -236,6 +236,9 @@ class GCSStore(Store):
             from google.auth.exceptions import DefaultCredentialsError
             from google.cloud import storage
 
+            # google-cloud-storage 3.x reads each bucket's metadata in a background thread, for trace attributes
+            # even with tracing off: storage.buckets.get, which roles/storage.objectUser lacks (a denied request).
+            os.environ.setdefault("DISABLE_GCS_PYTHON_CLIENT_OTEL_BUCKET_METADATA", "true")
             try:
                 client = storage.Client()
             except DefaultCredentialsError as error:
@@ -263,15 +266,20 @@ class GCSStore(Store):
     def check(self) -> None:
         from google.api_core import exceptions as api
 
+        # Listing at most one object needs only storage.objects.list, which the roles a run is given hold
+        # (roles/storage.objectUser, objectViewer); reading the bucket's metadata would need storage.buckets.get.
         try:
-            self._call(self.bucket.reload)
+            self._blobs("", limit=1)
         except api.NotFound as error:
             raise ConfigError(f"bucket gs://{self.bucket_name} does not exist") from error
 
+    def _blobs(self, prefix: str, limit: int | None = None) -> list[Any]:
+        return self._call(lambda **kw: list(self.bucket.client.list_blobs(
+            self.bucket_name, prefix=self._key(prefix), max_results=limit, **kw)))
+
     def list(self, prefix: str = "") -> dict[str, int]:
         base = f"{self._key('')}" if self.prefix else ""
-        blobs = self._call(lambda **kw: list(self.bucket.client.list_blobs(
-            self.bucket_name, prefix=self._key(prefix), **kw)))
+        blobs = self._blobs(prefix)
         return {b.name[len(base):]: b.size for b in blobs if not is_partial(b.name[len(base):])}
 
     def read(self, name: str) -> bytes | None:

@@ -15,7 +15,7 @@ import yaml
 from trainer.config import (EXIT_RUN_FAILED, EXIT_WAIT_TIMEOUT, ConfigError, Parser, TrainerError, add_flags,
                             check_replicas, config_from_args, fail, flag_names)
 from trainer.launch.client import JOB_INDEX_ANNOTATION, REQUEST_TIMEOUT, Cluster, LaunchError, event_time, pod_summary
-from trainer.launch.manifests import (LAUNCHER_FLAGS, JobSpec, run_name_problem, service_account,
+from trainer.launch.manifests import (LAUNCHER_FLAGS, TENSORBOARD, JobSpec, run_name_problem, service_account,
                                       tensorboard_objects, training_objects)
 
 
@@ -38,6 +38,13 @@ def _cluster_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
                         help="kube context (default: the current one)")
     parser.add_argument("--request-timeout", type=float, **({"default": REQUEST_TIMEOUT} if defaults else keep),
                         help=f"seconds each Kubernetes API call may take (default: {REQUEST_TIMEOUT:g})")
+
+
+def _gcp_service_account(parser: argparse.ArgumentParser, role: str) -> None:
+    parser.add_argument("--gcp-service-account", default="", metavar="EMAIL",
+                        help=f"a Google service account (holding {role} on the bucket) that the pods' Kubernetes "
+                             "ServiceAccount acts as; only where the cluster's Workload Identity is set up that way "
+                             "(default: none: the Kubernetes ServiceAccount is granted the role itself)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--retries", type=int, default=JobSpec.retries,
                         help="crashes retried before the run fails (preemption and lost peers are not counted; "
                              "default: %(default)s)")
-    submit.add_argument("--gcp-service-account", default="",
-                        help="Google service account for Workload Identity (default: none)")
+    _gcp_service_account(submit, "roles/storage.objectUser")
     submit.add_argument("--dry-run", action="store_true",
                         help="print the YAML that would be sent; no cluster needed (default: off)")
 
@@ -100,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     board = command("tensorboard", "deploy one shared TensorBoard over all runs")
     board.add_argument("--image", required=True, help="an image with TensorBoard, e.g. the trainer's (required)")
     board.add_argument("--logdir", required=True, help="gs://BUCKET/PREFIX holding the runs (required)")
+    _gcp_service_account(board, "roles/storage.objectViewer")
     board.add_argument("--dry-run", action="store_true",
                        help="print the YAML that would be sent; no cluster needed (default: off)")
     return parser
@@ -163,11 +170,20 @@ def cmd_submit(args: argparse.Namespace) -> int:
         cluster.require_jobset()
     if spec.queue:
         cluster.require_queue(spec.namespace, spec.queue)
-    cluster.create(objects[0], exist_ok=True)
+    _apply_service_account(cluster, objects[0])
     for obj in objects[1:]:
         cluster.create(obj)
     print(spec.run)
     return 0
+
+
+def _apply_service_account(cluster: Cluster, account: dict) -> None:
+    """Create the ServiceAccount; change an existing one only to set the --gcp-service-account annotation (which
+    needs the right to patch it), never to drop an annotation someone else set."""
+    if account["metadata"].get("annotations"):
+        cluster.replace(account)
+    else:
+        cluster.create(account, exist_ok=True)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -250,21 +266,22 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_tensorboard(args: argparse.Namespace) -> int:
-    objects = tensorboard_objects(args.image, args.logdir, args.namespace)
+    objects = [service_account(args.namespace, args.gcp_service_account, TENSORBOARD),
+               *tensorboard_objects(args.image, args.logdir, args.namespace)]
     if args.dry_run:
         print(to_yaml(objects), end="")
         return 0
     cluster = _cluster(args)
-    for obj in objects:
+    _apply_service_account(cluster, objects[0])
+    for obj in objects[1:]:
         cluster.replace(obj)
-    name = objects[1]["metadata"]["name"]
+    name = objects[-1]["metadata"]["name"]
     print(f"TensorBoard deployed; open it with: kubectl -n {args.namespace} port-forward svc/{name} 6006:80")
     return 0
 
 
 # The placeholders users replace (or that `make submit` fills in) in the example manifests of k8s/.
-EXAMPLE = dict(image="REGION-docker.pkg.dev/PROJECT/mnist/mnist-trainer:TAG", output_dir="gs://BUCKET/runs",
-               gcp_service_account="mnist-trainer@PROJECT.iam.gserviceaccount.com")
+EXAMPLE = dict(image="REGION-docker.pkg.dev/PROJECT/mnist/mnist-trainer:TAG", output_dir="gs://BUCKET/runs")
 
 
 def render_examples(folder: str) -> list[str]:
@@ -273,7 +290,8 @@ def render_examples(folder: str) -> list[str]:
                      trainer_args=("--model", "cnn"), gpus=4, gpu_type="nvidia-l4")
     multi = dataclasses.replace(single, run="cnn-multiworker-example", gpus=1, workers=2)
     files = {
-        "serviceaccount.yaml": [service_account("default", EXAMPLE["gcp_service_account"])],
+        # As the GKE steps make them: granted their bucket roles directly by Workload Identity, unannotated.
+        "serviceaccount.yaml": [service_account("default"), service_account("default", name=TENSORBOARD)],
         "job-single-node.yaml": training_objects(single),
         "jobset-multi-worker.yaml": training_objects(multi),
         "tensorboard.yaml": tensorboard_objects(EXAMPLE["image"], EXAMPLE["output_dir"]),

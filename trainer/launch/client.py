@@ -168,7 +168,7 @@ class Cluster:
                 raise
 
     def replace(self, obj: dict[str, Any]) -> None:
-        """Create an object, or replace it if it exists (used for the long-lived TensorBoard)."""
+        """Create an object, or update it if it exists (the long-lived TensorBoard, an annotated ServiceAccount)."""
         kind, name, ns = obj["kind"], obj["metadata"]["name"], obj["metadata"]["namespace"]
         try:
             self.create(obj)
@@ -176,6 +176,7 @@ class Cluster:
             if error.status != 409:
                 raise
             patch = {"Service": self.core.patch_namespaced_service,
+                     "ServiceAccount": self.core.patch_namespaced_service_account,
                      "Deployment": self.apps.patch_namespaced_deployment}[kind]
             self._call(f"update {kind} {ns}/{name}", patch, name, ns, obj)
 

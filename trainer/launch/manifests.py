@@ -14,6 +14,7 @@ from trainer.cluster import JOB_ENV, WORKERS_ENV
 from trainer.config import EXIT_INTERRUPTED, EXIT_LEASED, EXIT_PEER_LOST, EXIT_USAGE, flag
 
 APP = "mnist-trainer"
+TENSORBOARD = f"{APP}-tensorboard"  # its Deployment, Service and ServiceAccount (read-only on the bucket)
 RUN_LABEL = "mnist-trainer/run"
 CONTAINER = "trainer"
 WORKER_PORT = 2222
@@ -249,15 +250,17 @@ def service_account(namespace: str, gcp_service_account: str = "", name: str = A
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
 
 
-def tensorboard_objects(image: str, logdir: str, namespace: str = "default", name: str = f"{APP}-tensorboard",
-                        service_account_name: str = APP) -> list[dict[str, Any]]:
+def tensorboard_objects(image: str, logdir: str, namespace: str = "default") -> list[dict[str, Any]]:
     """A shared TensorBoard over every run under `logdir` (e.g. gs://BUCKET/runs): Deployment + Service."""
     labels = {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": "tensorboard"}
     container = {
         "name": "tensorboard",
         "image": image,
         "command": ["tensorboard"],
-        "args": ["--logdir", logdir, "--bind_all", "--port", str(TENSORBOARD_PORT), "--reload_interval", "30"],
+        # --load_fast false: TensorBoard's Python reader, through TensorFlow's GCS file system, whose requests
+        # the tests check against roles/storage.objectViewer; its Rust data server reads GCS experimentally.
+        "args": ["--logdir", logdir, "--bind_all", "--port", str(TENSORBOARD_PORT), "--reload_interval", "30",
+                 "--load_fast", "false"],
         "ports": [{"name": "http", "containerPort": TENSORBOARD_PORT}],
         "resources": {"requests": {"cpu": "500m", "memory": "2Gi"}, "limits": {"cpu": "2", "memory": "4Gi"}},
         # Ready once it serves; restarted if it stops answering (a first scan of a large bucket takes a while).
@@ -270,19 +273,19 @@ def tensorboard_objects(image: str, logdir: str, namespace: str = "default", nam
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
-        "metadata": _metadata(name, namespace, labels),
+        "metadata": _metadata(TENSORBOARD, namespace, labels),
         "spec": {
             "replicas": 1,
             "selector": {"matchLabels": labels},
             "template": {"metadata": {"labels": labels},
-                         "spec": {"serviceAccountName": service_account_name, "securityContext": _restricted_pod(),
+                         "spec": {"serviceAccountName": TENSORBOARD, "securityContext": _restricted_pod(),
                                   "containers": [container], "volumes": [{"name": "tmp", "emptyDir": {}}]}},
         },
     }
     service = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(name, namespace, labels),
+        "metadata": _metadata(TENSORBOARD, namespace, labels),
         # Inside the cluster only: reach it with `kubectl port-forward` (or put an authenticating proxy in front).
         "spec": {"type": "ClusterIP", "selector": labels,
                  "ports": [{"name": "http", "port": 80, "targetPort": TENSORBOARD_PORT}]},

@@ -17,7 +17,8 @@ _PATH = re.compile(r"^/(?:api/v1|apis/([a-z0-9.-]+)/([a-z0-9]+))/namespaces/([^/
 _DISCOVERY = re.compile(r"^/apis/([a-z0-9.-]+)/([a-z0-9]+)$")
 _KINDS = {"jobs": "Job", "services": "Service", "serviceaccounts": "ServiceAccount", "deployments": "Deployment",
           "pods": "Pod", "events": "Event", "jobsets": "JobSet", "localqueues": "LocalQueue"}
-ADDONS = {"jobset.x-k8s.io/v1alpha2": ["jobsets"], "kueue.x-k8s.io/v1beta1": ["localqueues", "clusterqueues"]}
+ADDONS = {"jobset.x-k8s.io/v1alpha2": ["jobsets"], "kueue.x-k8s.io/v1beta2": ["localqueues", "clusterqueues"],
+          "kueue.x-k8s.io/v1beta1": ["localqueues", "clusterqueues"]}
 BUILTIN = {"batch/v1": ["jobs"], "apps/v1": ["deployments"]}
 
 

@@ -322,17 +322,30 @@ def test_submit_without_jobset_installed_says_how_to_install_it(tmp_path):
         server.stop()
 
 
-def test_submit_with_a_queue_checks_it_exists_and_labels_the_job(api):
+@pytest.mark.parametrize("kueue", [("v1beta2", "v1beta1"), ("v1beta2",), ("v1beta1",), ()])
+def test_submit_with_a_queue_finds_it_under_kueues_current_api_then_the_deprecated_one(tmp_path, kueue):
+    server = KubeAPI(installed=("jobset.x-k8s.io/v1alpha2", *(f"kueue.x-k8s.io/{v}" for v in kueue)))
+    path = tmp_path / "kubeconfig"
+    path.write_text(server.kubeconfig())
     queued = ["submit", "--image", "i", "--output-dir", "gs://b/r", "--run", "q1", "--queue", "team-a",
               "--priority", "high"]
-    missing = launch(*queued, kubeconfig=api.path)
-    assert missing.returncode == 2 and "not found: find LocalQueue default/team-a" in missing.stderr
-    api.put("localqueues", {"apiVersion": "kueue.x-k8s.io/v1beta1", "kind": "LocalQueue",
-                            "metadata": {"name": "team-a", "namespace": "default"}})
-    result = launch(*queued, kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    labels = api.objects[("jobs", "default", "q1")]["metadata"]["labels"]
-    assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["kueue.x-k8s.io/priority-class"] == "high"
+    try:
+        missing = launch(*queued, kubeconfig=str(path))
+        assert missing.returncode == 2 and len(error_lines(missing.stderr)) == 1
+        if not kueue:
+            assert "does not serve Kueue's API (kueue.x-k8s.io v1beta2 or v1beta1)" in missing.stderr
+            return
+        assert "not found: find LocalQueue default/team-a" in missing.stderr
+        server.put("localqueues", {"apiVersion": f"kueue.x-k8s.io/{kueue[0]}", "kind": "LocalQueue",
+                                   "metadata": {"name": "team-a", "namespace": "default"}})
+        result = launch(*queued, kubeconfig=str(path))
+        assert result.returncode == 0, result.stderr
+        asked = {p for m, p, _ in server.requests if p.endswith("/localqueues/team-a")}
+        assert asked == {f"/apis/kueue.x-k8s.io/{kueue[0]}/namespaces/default/localqueues/team-a"}
+        labels = server.objects[("jobs", "default", "q1")]["metadata"]["labels"]
+        assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["kueue.x-k8s.io/priority-class"] == "high"
+    finally:
+        server.stop()
 
 
 def _pod(name: str, run: str, index: int, phase: str, exit_code: int | None = None, reason: str = "") -> dict:

@@ -21,7 +21,8 @@ from trainer.launch.manifests import (APP, JOBSET_GROUP, JOBSET_PLURAL, JOBSET_R
 REQUEST_TIMEOUT = 30.0  # seconds per API call, unless --request-timeout says otherwise
 CONNECT_TIMEOUT = 10.0
 FOLLOW_IDLE = 300.0  # seconds a followed log may stay silent before the stream is re-opened
-KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta1"
+# Kueue serves v1beta2 since 0.15 (stored as it since 0.16); v1beta1 is deprecated, to be removed.
+KUEUE_GROUP, KUEUE_VERSIONS = "kueue.x-k8s.io", ("v1beta2", "v1beta1")
 JOB_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 INSTALL_JOBSET = (f"kubectl apply --server-side -f https://github.com/kubernetes-sigs/jobset/releases/download/"
@@ -139,12 +140,12 @@ class Cluster:
 
     def require_queue(self, namespace: str, queue: str) -> None:
         """Refuse in one line when Kueue or the LocalQueue `queue` is missing."""
-        if not self.serves(KUEUE_GROUP, KUEUE_VERSION):
-            raise LaunchError(f"--queue {queue}: this cluster does not serve Kueue's API ({KUEUE_GROUP}); "
-                              "install Kueue or submit without --queue")
+        version = next((v for v in KUEUE_VERSIONS if self.serves(KUEUE_GROUP, v)), None)
+        if version is None:
+            raise LaunchError(f"--queue {queue}: this cluster does not serve Kueue's API ({KUEUE_GROUP} "
+                              f"{' or '.join(KUEUE_VERSIONS)}); install Kueue or submit without --queue")
         self._call(f"find LocalQueue {namespace}/{queue} (kubectl -n {namespace} get localqueues)",
-                   self.custom.get_namespaced_custom_object, KUEUE_GROUP, KUEUE_VERSION, namespace,
-                   "localqueues", queue)
+                   self.custom.get_namespaced_custom_object, KUEUE_GROUP, version, namespace, "localqueues", queue)
 
     # --- writing ---
 

@@ -25,7 +25,8 @@ BUILTIN = {"batch/v1": ["jobs"], "apps/v1": ["deployments"]}
 class KubeAPI:
     """Objects by (plural, namespace, name); add-on APIs in `installed`."""
 
-    def __init__(self, installed: tuple[str, ...] = tuple(ADDONS), hang: float = 5.0) -> None:
+    def __init__(self, installed: tuple[str, ...] = tuple(ADDONS), hang: float = 5.0, version: str = "1.33.2") -> None:
+        self.version = version
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
         self.logs: dict[tuple[str, str], str] = {}
         self.previous_logs: dict[tuple[str, str], str] = {}
@@ -79,6 +80,10 @@ class KubeAPI:
         return group is None or api in BUILTIN or api in self.installed
 
     def answer(self, method: str, path: str, query: dict[str, list[str]], body: Any) -> tuple[int, Any]:
+        if path.rstrip("/") == "/version" and method == "GET":
+            major, minor, _ = self.version.split(".")
+            return 200, {"major": major, "minor": minor, "gitVersion": f"v{self.version}", "gitCommit": "",
+                         "gitTreeState": "", "buildDate": "", "goVersion": "", "compiler": "", "platform": ""}
         discovery = _DISCOVERY.match(path)
         if discovery and method == "GET":
             api = "/".join(discovery.groups())

@@ -22,12 +22,14 @@ from kube import KubeAPI
 from trainer.cluster import INDEX_ENV, JOB_ENV, WORKERS_ENV, configure_cluster
 from trainer.config import DATASETS, PRESETS, build_config
 from trainer.launch.cli import job_spec, parse, render_examples
-from trainer.launch.manifests import (JobSpec, longest_name, run_name_problem, service_account,
+from trainer.launch.manifests import (MIN_KUBERNETES, JobSpec, longest_name, run_name_problem, service_account,
                                       tensorboard_objects, training_objects)
 
 SCHEMAS = os.path.join(os.path.dirname(kubernetes_validate.__file__), "kubernetes-json-schema")
-NEWEST = max((d.split("-")[0][1:] for d in os.listdir(SCHEMAS) if d.endswith("-local-strict")),
-             key=lambda v: tuple(int(x) for x in v.split(".")))
+# Every Kubernetes release the launcher supports that kubernetes-validate has schemas for: MIN_KUBERNETES on.
+SUPPORTED = sorted((d.split("-")[0][1:] for d in os.listdir(SCHEMAS) if d.endswith("-local-strict")
+                    and tuple(int(x) for x in d[1:].split("-")[0].split(".")[:2]) >= MIN_KUBERNETES),
+                   key=lambda v: tuple(int(x) for x in v.split(".")))
 SINGLE = JobSpec(run="r1", image="img:1", output_dir="gs://b/runs", trainer_args=("--model", "cnn"), gpus=4,
                  gpu_type="nvidia-l4")
 MULTI = JobSpec(run="r2", image="img:1", output_dir="gs://b/runs", gpus=1, workers=2)
@@ -38,20 +40,20 @@ QUEUED_GROUP = JobSpec(run="r5", image="img:1", output_dir="gs://b/runs", worker
 JOBSETS = [*training_objects(MULTI), *training_objects(QUEUED_GROUP)]
 CORE_OBJECTS = [*training_objects(SINGLE), *training_objects(CPU_ONLY), *training_objects(QUEUED),
                 *tensorboard_objects("img:1", "gs://b/runs"),
-                service_account("default", "sa@p.iam.gserviceaccount.com")]
+                service_account("default", "sa@p.iam.gserviceaccount.com"), service_account("default")]
 
 
 def _name(obj: dict) -> str:
     return f"{obj['kind']}-{obj['metadata']['name']}"
 
 
-@pytest.mark.parametrize("version", ["1.30.0", NEWEST])
+@pytest.mark.parametrize("version", SUPPORTED)
 @pytest.mark.parametrize("obj", CORE_OBJECTS, ids=_name)
 def test_every_core_manifest_validates_against_the_official_schema(obj, version):
     kubernetes_validate.validate(obj, version, strict=True)
 
 
-@pytest.mark.parametrize("version", ["1.30.0", NEWEST])
+@pytest.mark.parametrize("version", SUPPORTED)
 @pytest.mark.parametrize("jobset", JOBSETS, ids=_name)
 def test_the_jobsets_worker_job_validates_as_a_job(jobset, version):
     for replicated in jobset["spec"]["replicatedJobs"]:
@@ -60,8 +62,8 @@ def test_the_jobsets_worker_job_validates_as_a_job(jobset, version):
         kubernetes_validate.validate(job, version, strict=True)
 
 
-def test_newest_schema_is_newer_than_1_30():
-    assert tuple(int(x) for x in NEWEST.split(".")) > (1, 30, 0)
+def test_the_schemas_span_the_supported_releases():
+    assert SUPPORTED[0] == "{}.{}.0".format(*MIN_KUBERNETES) and len(SUPPORTED) >= 5
 
 
 # JobSet v1alpha2 has no schema here (no CRD offline); its fields and enums, from api/jobset/v1alpha2 of
@@ -301,6 +303,25 @@ def test_submit_creates_a_jobset_for_a_group_and_409_on_a_second_submit(api):
     again = launch(*GROUP, kubeconfig=api.path)
     assert again.returncode == 2
     assert error_lines(again.stderr)[0].startswith("error: already exists: create JobSet default/r2")
+
+
+@pytest.mark.parametrize("version, refused", [("1.30.14", True), ("1.31.0", False), ("1.35.1", False)])
+def test_submit_refuses_a_kubernetes_older_than_the_minimum_in_one_line(tmp_path, version, refused):
+    server = KubeAPI(version=version)
+    path = tmp_path / "kubeconfig"
+    path.write_text(server.kubeconfig())
+    try:
+        result = launch(*GROUP, kubeconfig=str(path))
+        posts = [m for m, _, _ in server.requests if m == "POST"]
+    finally:
+        server.stop()
+    if refused:
+        assert result.returncode == 2 and result.stderr == (
+            f"error: this cluster runs Kubernetes v{version}; runs need 1.31 or newer (a Job's successPolicy, "
+            "which ends a multi-worker run when worker 0 succeeds)\n")
+        assert not posts  # nothing created
+    else:
+        assert result.returncode == 0 and len(posts) == 2, result.stderr
 
 
 def test_submit_without_jobset_installed_says_how_to_install_it(tmp_path):

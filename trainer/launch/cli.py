@@ -166,6 +166,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
         print(to_yaml(objects), end="")
         return 0
     cluster = _cluster(args)
+    cluster.require_version()
     if spec.workers > 1:
         cluster.require_jobset()
     if spec.queue:

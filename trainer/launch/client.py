@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from typing import Any, Callable, Iterator
 
@@ -16,7 +17,7 @@ from urllib3.exceptions import HTTPError, ReadTimeoutError
 
 from trainer.config import EXIT_NO_CLUSTER, EXIT_USAGE, TrainerError
 from trainer.launch.manifests import (APP, JOBSET_GROUP, JOBSET_PLURAL, JOBSET_RELEASE, JOBSET_VERSION,
-                                      RUN_LABEL)
+                                      MIN_KUBERNETES, RUN_LABEL)
 
 REQUEST_TIMEOUT = 30.0  # seconds per API call, unless --request-timeout says otherwise
 CONNECT_TIMEOUT = 10.0
@@ -131,6 +132,15 @@ class Cluster:
                     raise
                 self._served[group, version] = False
         return self._served[group, version]
+
+    def require_version(self) -> None:
+        """Refuse in one line when the API server is older than MIN_KUBERNETES."""
+        info = self._call("read the server's version", client.VersionApi(self.api).get_code)
+        found = tuple(int(re.match(r"\d+", part).group()) for part in (info.major, info.minor))  # GKE: "31+"
+        if found < MIN_KUBERNETES:
+            need = ".".join(map(str, MIN_KUBERNETES))
+            raise LaunchError(f"this cluster runs Kubernetes {info.git_version}; runs need {need} or newer (a Job's "
+                              "successPolicy, which ends a multi-worker run when worker 0 succeeds)")
 
     def require_jobset(self) -> None:
         """Refuse in one line, with the install command, when the JobSet API is missing."""

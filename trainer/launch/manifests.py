@@ -24,6 +24,9 @@ IMAGE_UID = 1000  # the image's own non-root user (docker/Dockerfile creates it 
 TMP = "/tmp"  # the image's HOME too: the one place the processes write besides scratch (an emptyDir here)
 GPU = "nvidia.com/gpu"
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
+# The oldest Kubernetes with every field used here on by default: the Job's successPolicy (a multi-worker run
+# succeeds when worker 0 does) is beta from 1.31 (GA in 1.33); an older API server drops it without a word.
+MIN_KUBERNETES = (1, 31)
 JOBSET_RELEASE = "v0.10.0"  # the oldest JobSet release with every field used here (onJobFailureMessagePatterns)
 REPLICATED_JOB = "worker"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"

@@ -61,6 +61,14 @@ GPU_TYPE    ?=
 NAMESPACE   ?= default
 QUEUE       ?=
 PRIORITY    ?=
+# SPOT=1: GKE Spot VMs only, with the 15 s grace a Spot preemption gives (submit --spot).
+SPOT        ?=
+MAX_RUNTIME ?=
+RETRIES     ?=
+# Google service accounts the pods' Kubernetes ServiceAccounts act as, only where Workload Identity is set up that
+# way (submit/tensorboard --gcp-service-account); by default the Kubernetes ServiceAccounts hold the bucket roles.
+GCP_SERVICE_ACCOUNT ?=
+TENSORBOARD_GCP_SERVICE_ACCOUNT ?=
 TRAINER_FLAGS = --model $(MODEL) --dataset $(DATASET) $(if $(EPOCHS),--epochs $(EPOCHS)) $(TRAIN_ARGS)
 
 # What the cluster goals need, checked before anything is built: one line, exit code 2.
@@ -196,7 +204,9 @@ submit: override FLAVOUR = gpu
 submit: install push
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) submit --image $(IMAGE_REF) --output-dir $(REMOTE_DIR) \
 	  --gpus $(GPUS) --workers $(WORKERS) $(if $(GPU_TYPE),--gpu-type $(GPU_TYPE)) $(if $(RUN),--run $(RUN)) \
-	  $(if $(QUEUE),--queue $(QUEUE)) $(if $(PRIORITY),--priority $(PRIORITY)) -- $(TRAINER_FLAGS)
+	  $(if $(QUEUE),--queue $(QUEUE)) $(if $(PRIORITY),--priority $(PRIORITY)) $(if $(filter-out 0,$(SPOT)),--spot) \
+	  $(if $(MAX_RUNTIME),--max-runtime $(MAX_RUNTIME)) $(if $(RETRIES),--retries $(RETRIES)) \
+	  $(if $(GCP_SERVICE_ACCOUNT),--gcp-service-account $(GCP_SERVICE_ACCOUNT)) -- $(TRAINER_FLAGS)
 
 # The same image on this machine, as you (LOCAL_USER), the run folder under OUTPUT_DIR, with LOCAL_GPUS (the gpu
 # flavour if there are any, else the cpu one).
@@ -209,7 +219,8 @@ local: image
 # TensorBoard runs the trainer's image (it has TensorBoard and GCS access): pushed first, so the tag exists.
 tensorboard: override FLAVOUR = gpu
 tensorboard: install push
-	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE_REF) --logdir $(REMOTE_DIR)
+	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE_REF) --logdir $(REMOTE_DIR) \
+	  $(if $(TENSORBOARD_GCP_SERVICE_ACCOUNT),--gcp-service-account $(TENSORBOARD_GCP_SERVICE_ACCOUNT))
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

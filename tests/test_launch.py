@@ -3,6 +3,7 @@ policy, run names, and real HTTP through the official client to an API stand-in.
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import itertools
 import os
@@ -37,8 +38,11 @@ CPU_ONLY = JobSpec(run="r3", image="img:1", output_dir="gs://b/runs", gpus=0)
 QUEUED = JobSpec(run="r4", image="img:1", output_dir="gs://b/runs", queue="team-a", priority="high", max_runtime=3600)
 QUEUED_GROUP = JobSpec(run="r5", image="img:1", output_dir="gs://b/runs", workers=3, queue="team-a",
                        max_runtime=3600)
-JOBSETS = [*training_objects(MULTI), *training_objects(QUEUED_GROUP)]
+SPOT_GROUP = JobSpec(run="r6", image="img:1", output_dir="gs://b/runs", workers=2, gpus=4, gpu_type="nvidia-l4",
+                     spot=True)
+JOBSETS = [*training_objects(MULTI), *training_objects(QUEUED_GROUP), *training_objects(SPOT_GROUP)]
 CORE_OBJECTS = [*training_objects(SINGLE), *training_objects(CPU_ONLY), *training_objects(QUEUED),
+                *training_objects(dataclasses.replace(SINGLE, run="r7", spot=True)),
                 *tensorboard_objects("img:1", "gs://b/runs"),
                 service_account("default", "sa@p.iam.gserviceaccount.com"), service_account("default")]
 
@@ -152,6 +156,25 @@ def test_single_node_job():
     assert pod_env(container, "team") == {"POD_NAMESPACE": "team", "TRAINER_JOB": "team/r1"}  # no TRAINER_WORKERS
     text = yaml.safe_dump(job)
     assert "secret" not in text.lower() and "key.json" not in text and "kueue" not in text
+
+
+@pytest.mark.parametrize("spec", [dataclasses.replace(SINGLE, spot=True), SPOT_GROUP], ids=["job", "jobset"])
+def test_spot_pods_go_to_spot_nodes_only_and_save_within_the_15_s_gke_gives_them(spec):
+    pod = _pod_template(training_objects(spec)[0])
+    assert pod["terminationGracePeriodSeconds"] == 15
+    args = pod["containers"][0]["args"]
+    assert args[args.index("--grace-seconds") + 1] == "10"  # 5 s of the 15 left to exit
+    assert pod["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4", "cloud.google.com/gke-spot": "true"}
+    assert {"key": "cloud.google.com/gke-spot", "operator": "Equal", "value": "true",
+            "effect": "NoSchedule"} in pod["tolerations"]
+    regular = _pod_template(training_objects(dataclasses.replace(spec, spot=False))[0])
+    assert regular["terminationGracePeriodSeconds"] == 30 and "gke-spot" not in yaml.safe_dump(regular)
+
+
+def _pod_template(obj: dict) -> dict:
+    """The pod spec of a Job, or of a JobSet's worker Job."""
+    job = obj["spec"]["replicatedJobs"][0]["template"] if obj["kind"] == "JobSet" else obj
+    return job["spec"]["template"]["spec"]
 
 
 def test_kueue_labels_and_max_runtime():

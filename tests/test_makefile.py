@@ -49,6 +49,29 @@ def test_submit_pushes_to_the_registry_and_trains_into_the_bucket():
             "--output-dir gs://my-runs/runs --gpus 4 --workers 1") in launch
 
 
+def test_every_submit_and_tensorboard_option_has_a_make_variable_the_launcher_accepts():
+    common = ["REGISTRY=registry.example/team/mnist", "BUCKET=my-runs", "CONTAINER=docker", "TAG=v1"]
+    submit = _launch_args(_make("-n", "submit", *common, "SPOT=1", "MAX_RUNTIME=7200", "RETRIES=2", "QUEUE=team-a",
+                                "PRIORITY=high", "GCP_SERVICE_ACCOUNT=trainer@p.iam.gserviceaccount.com",
+                                "GPU_TYPE=nvidia-l4", "RUN=r1").stdout)
+    assert (submit.spot, submit.max_runtime, submit.retries, submit.queue, submit.priority, submit.gpu_type,
+            submit.run) == (True, 7200, 2, "team-a", "high", "nvidia-l4", "r1")
+    assert submit.gcp_service_account == "trainer@p.iam.gserviceaccount.com"
+    assert not _launch_args(_make("-n", "submit", *common, "SPOT=0").stdout).spot
+    board = _launch_args(_make("-n", "tensorboard", *common,
+                               "TENSORBOARD_GCP_SERVICE_ACCOUNT=board@p.iam.gserviceaccount.com").stdout)
+    assert board.gcp_service_account == "board@p.iam.gserviceaccount.com"
+
+
+def _launch_args(commands: str):
+    """The launcher's parsed arguments in the command `make -n` prints."""
+    from trainer.launch.cli import parse
+
+    words = one_line(commands).split()
+    start = words.index("trainer.launch") + 1
+    return parse(words[start:words.index("--", start) if "--" in words[start:] else len(words)])
+
+
 @pytest.mark.parametrize("goal", ["push", "submit", "tensorboard", "gpu-check"])
 def test_the_cluster_goals_and_gpu_check_build_the_gpu_flavour_even_when_told_cpu(goal):
     commands = _make("-n", goal, "REGISTRY=registry.example/team/mnist", "BUCKET=my-runs", "CONTAINER=docker",

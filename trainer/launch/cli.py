@@ -15,7 +15,7 @@ import yaml
 from trainer.config import (EXIT_RUN_FAILED, EXIT_WAIT_TIMEOUT, ConfigError, Parser, TrainerError, add_flags,
                             check_replicas, config_from_args, fail, flag_names)
 from trainer.launch.client import JOB_INDEX_ANNOTATION, REQUEST_TIMEOUT, Cluster, LaunchError, event_time, pod_summary
-from trainer.launch.manifests import (LAUNCHER_FLAGS, TENSORBOARD, JobSpec, run_name_problem, service_account,
+from trainer.launch.manifests import (LAUNCHER_FLAGS, SPOT_GRACE_SECONDS, SPOT_LABEL, TENSORBOARD, JobSpec, run_name_problem, service_account,
                                       tensorboard_objects, training_objects)
 
 
@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--retries", type=int, default=JobSpec.retries,
                         help="crashes retried before the run fails (preemption and lost peers are not counted; "
                              "default: %(default)s)")
+    submit.add_argument("--spot", action="store_true",
+                        help=f"run on GKE Spot VMs only (node label and taint {SPOT_LABEL}=true); the pods get the "
+                             f"{SPOT_GRACE_SECONDS} s a Spot preemption grants them to save and ship (default: off)")
     _gcp_service_account(submit, "roles/storage.objectUser")
     submit.add_argument("--dry-run", action="store_true",
                         help="print the YAML that would be sent; no cluster needed (default: off)")
@@ -152,7 +155,8 @@ def job_spec(args: argparse.Namespace) -> JobSpec:
     check_replicas(config.run.batch_size, args.workers * max(args.gpus, 1))
     return JobSpec(run=run, image=args.image, output_dir=args.output_dir, trainer_args=tuple(args.trainer_args),
                    gpus=args.gpus, workers=args.workers, gpu_type=args.gpu_type, namespace=args.namespace,
-                   queue=args.queue, priority=args.priority, max_runtime=args.max_runtime, retries=args.retries)
+                   queue=args.queue, priority=args.priority, max_runtime=args.max_runtime, retries=args.retries,
+                   spot=args.spot)
 
 
 def _cluster(args: argparse.Namespace) -> Cluster:

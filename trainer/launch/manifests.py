@@ -23,6 +23,11 @@ SCRATCH = "/scratch"
 IMAGE_UID = 1000  # the image's own non-root user (docker/Dockerfile creates it with this uid and group)
 TMP = "/tmp"  # the image's HOME too: the one place the processes write besides scratch (an emptyDir here)
 GPU = "nvidia.com/gpu"
+# GKE Spot VMs: the node label, also the taint of the pools the GKE steps make (tolerated by Spot pods only).
+SPOT_LABEL = "cloud.google.com/gke-spot"
+# On a Spot preemption GKE gives ordinary pods 15 s of the VM's 30 s notice (system pods get the rest).
+SPOT_GRACE_SECONDS = 15
+GRACE_MARGIN = 5  # seconds of the pod's grace period left to the process after the trainer's own --grace-seconds
 JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jobsets"
 # The oldest Kubernetes with every field used here on by default: the Job's successPolicy (a multi-worker run
 # succeeds when worker 0 does) is beta from 1.31 (GA in 1.33); an older API server drops it without a word.
@@ -57,7 +62,8 @@ class JobSpec:
     cpu: str = "4"
     memory: str = "16Gi"
     shm: str = "2Gi"
-    grace_seconds: int = 30
+    spot: bool = False  # on GKE Spot VMs only: their node label, their taint tolerated, their shorter grace
+    grace_seconds: int = 30  # the pod's terminationGracePeriodSeconds (Kubernetes' default)
     retries: int = 4  # counted retries: the Job's backoffLimit, the JobSet's maxRestarts
     ttl_seconds: int = 7 * 24 * 3600
 
@@ -109,10 +115,19 @@ def _restricted_container() -> dict[str, Any]:
     return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "readOnlyRootFilesystem": True}
 
 
+def pod_grace(spec: JobSpec) -> int:
+    """The pod's terminationGracePeriodSeconds: what GKE grants a Spot pod, else the spec's."""
+    return min(spec.grace_seconds, SPOT_GRACE_SECONDS) if spec.spot else spec.grace_seconds
+
+
+def trainer_grace(spec: JobSpec) -> int:
+    """The trainer's --grace-seconds: save and ship within the pod's grace period, less a margin for exiting."""
+    return max(1, pod_grace(spec) - GRACE_MARGIN)
+
+
 def _trainer_container(spec: JobSpec) -> dict[str, Any]:
     # The pod's GPUs are expected: a node or image whose CUDA stack fails makes the trainer exit, not train on the CPU.
-    own = dict(zip(LAUNCHER_FLAGS, (spec.output_dir, spec.run, SCRATCH, str(max(1, spec.grace_seconds - 5)),
-                                    str(spec.gpus))))
+    own = dict(zip(LAUNCHER_FLAGS, (spec.output_dir, spec.run, SCRATCH, str(trainer_grace(spec)), str(spec.gpus))))
     args = ["train", *(part for flag, value in own.items() for part in (flag, value)), *spec.trainer_args]
     resources: dict[str, Any] = {"requests": {"cpu": spec.cpu, "memory": spec.memory},
                                  "limits": {"memory": spec.memory}}
@@ -142,7 +157,7 @@ def _pod_spec(spec: JobSpec) -> dict[str, Any]:
     pod: dict[str, Any] = {
         "restartPolicy": "Never",  # retries are the Job's (or the JobSet's), under the failure policies
         "serviceAccountName": spec.service_account,
-        "terminationGracePeriodSeconds": spec.grace_seconds,
+        "terminationGracePeriodSeconds": pod_grace(spec),
         "securityContext": _restricted_pod(),
         "containers": [_trainer_container(spec)],
         "volumes": [
@@ -151,10 +166,18 @@ def _pod_spec(spec: JobSpec) -> dict[str, Any]:
             {"name": "tmp", "emptyDir": {}},
         ],
     }
+    tolerations, selector = [], {}
     if spec.gpus:
-        pod["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+        tolerations.append({"key": GPU, "operator": "Exists", "effect": "NoSchedule"})
         if spec.gpu_type:
-            pod["nodeSelector"] = {"cloud.google.com/gke-accelerator": spec.gpu_type}
+            selector["cloud.google.com/gke-accelerator"] = spec.gpu_type
+    if spec.spot:
+        tolerations.append({"key": SPOT_LABEL, "operator": "Equal", "value": "true", "effect": "NoSchedule"})
+        selector[SPOT_LABEL] = "true"
+    if tolerations:
+        pod["tolerations"] = tolerations
+    if selector:
+        pod["nodeSelector"] = selector
     return pod
 
 

@@ -43,5 +43,5 @@ setup(
             "cryptography==50.0.2",  # the test CA of the proxy that lets TensorBoard's GCS reader be recorded
         ],
     },
-    entry_points={"console_scripts": ["mnist-trainer=trainer.__main__:run"]},
+    entry_points={"console_scripts": ["mnist-trainer=trainer.__main__:run", "mnist-launch=trainer.launch.cli:main"]},
 )

@@ -10,16 +10,15 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
 import tempfile
 import zlib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench.common import ROOT, render_block
+
 RESULTS = os.path.join(ROOT, "bench", "image_sizes.json")
-README = os.path.join(ROOT, "README.md")
 BEGIN, END = "<!-- image sizes: make image-sizes -->", "<!-- end of image sizes -->"
 # What docker/Dockerfile's steps put in the image's last layers, in order; every layer before them is the base's.
 BASE = "the base (Debian bookworm)"
@@ -78,17 +77,6 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
-def render_readme(results: dict) -> None:
-    """Replace the README's table between its markers with one rendered from `results`."""
-    with open(README) as f:
-        text = f.read()
-    pattern = re.compile(re.escape(BEGIN) + ".*?" + re.escape(END), re.S)
-    if not pattern.search(text):
-        sys.exit(f"error: {README} has no '{BEGIN}' ... '{END}' block")
-    with open(README, "w") as f:
-        f.write(pattern.sub(lambda _: f"{BEGIN}\n{render(results)}\n{END}", text))
-
-
 def main(argv: list[str]) -> int:
     """Measure the images named in argv (flavour=IMAGE:TAG), or only re-render with --render."""
     if argv != ["--render"]:
@@ -102,7 +90,7 @@ def main(argv: list[str]) -> int:
             f.write("\n")
     with open(RESULTS) as f:
         results = json.load(f)
-    render_readme(results)
+    render_block(BEGIN, END, render(results))
     print(render(results))
     return 0
 

@@ -1,7 +1,7 @@
 """`make bench` (`python -m bench.run`): run the benchmarks, print a table and write bench/results.json.
 
 All comparisons run on this machine in this one invocation and are reported as ratios.
-`make bench ONLY=storage_overhead` (or throughput, time_to_accuracy, scaling) runs one suite. The peers (PyTorch,
+`make bench ONLY=storage_overhead` (or throughput, time_to_accuracy, scaling, sigterm) runs one suite. The peers (PyTorch,
 JAX) get their own virtual environments under build/peers/ on first use.
 """
 
@@ -18,11 +18,12 @@ from trainer.runtime import load_tensorflow, set_tensorflow_env
 set_tensorflow_env()  # TensorFlow loads here as in `python -m trainer`: its C++ start-up lines held back
 load_tensorflow()
 
-from bench import scaling, storage_overhead, throughput, time_to_accuracy  # noqa: E402
+from bench import scaling, sigterm, storage_overhead, throughput, time_to_accuracy  # noqa: E402
+from bench.common import render_block  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 SUITES = {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "scaling": scaling,
-          "storage_overhead": storage_overhead}
+          "storage_overhead": storage_overhead, "sigterm": sigterm}
 
 
 def cpu_model() -> str:
@@ -55,6 +56,9 @@ def main() -> int:
             with open(RESULTS, "w") as f:  # after every suite: a later failure keeps what was measured
                 json.dump(results, f, indent=2)
                 f.write("\n")
+    for name, suite in SUITES.items():
+        if name in results and hasattr(suite, "table"):
+            render_block(suite.BEGIN, suite.END, suite.table(results[name]))
     for name, suite in SUITES.items():
         if name in results:
             for label, value in suite.rows(results[name]):

@@ -63,21 +63,3 @@ def test_every_cuda_wheel_of_the_gpu_flavour_is_pinned():
                                                                         "constraints.txt")) if "==" in line}
     extra = [Requirement(r) for r in importlib.metadata.requires("tensorflow") if "and-cuda" in r]
     assert extra and {r.name.lower() for r in extra} <= pinned
-
-
-def test_the_readmes_image_sizes_are_rendered_from_bench_image_sizes_json():
-    import importlib.util
-    import json
-
-    spec = importlib.util.spec_from_file_location("image_sizes", os.path.join(ROOT, "bench", "image_sizes.py"))
-    sizes = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sizes)
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    block = readme.split(sizes.BEGIN)[1].split(sizes.END)[0].strip()
-    with open(sizes.RESULTS) as f:
-        results = json.load(f)
-    assert block == sizes.render(results)
-    gpu, cpu = results["flavours"]["gpu"], results["flavours"]["cpu"]
-    # The flavours share every layer but the dependencies', and the code's layer is the small one a change ships.
-    assert [layer["layer"] for layer in gpu["layers"]] == [layer["layer"] for layer in cpu["layers"]]
-    assert gpu["layers"][-1]["compressed"] < 1e6 and gpu["layers"][-2]["compressed"] > 1e9

@@ -5,7 +5,6 @@ them that records every request, fails a share of them if asked, and lets client
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import http.client
 import http.server
 import json
@@ -20,7 +19,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from typing import Any
+
+from certs import Authority
 
 
 def free_port() -> int:
@@ -86,50 +86,6 @@ class Request:
         return f"{self.method} {self.host}{self.path}"
 
 
-def _test_ca(folder: str) -> tuple[str, str, str]:
-    """A CA made for this proxy and a certificate it signed for GOOGLE_HOSTS: (ca.pem, cert.pem, key.pem)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def certificate(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> Any:
-        builder = (x509.CertificateBuilder().serial_number(x509.random_serial_number())
-                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
-                   .public_key(key.public_key()).not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if ca:
-            builder = builder.add_extension(x509.KeyUsage(
-                digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                key_encipherment=False, data_encipherment=False, key_agreement=False, encipher_only=False,
-                decipher_only=False), critical=True)
-        else:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.DNSName(h) for h in GOOGLE_HOSTS]), critical=False)
-        builder = builder.add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        if not ca:
-            builder = builder.add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signer.public_key()), critical=False)
-        return builder.sign(signer, hashes.SHA256())
-
-    ca_key, leaf_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = certificate("mnist-trainer test CA", ca_key, "mnist-trainer test CA", ca_key, ca=True)
-    leaf = certificate(GOOGLE_HOSTS[0], leaf_key, "mnist-trainer test CA", ca_key, ca=False)
-    paths = tuple(os.path.join(folder, name) for name in ("ca.pem", "cert.pem", "key.pem"))
-    for path, data in zip(paths, (ca.public_bytes(serialization.Encoding.PEM),
-                                  leaf.public_bytes(serialization.Encoding.PEM),
-                                  leaf_key.private_bytes(serialization.Encoding.PEM,
-                                                         serialization.PrivateFormat.TraditionalOpenSSL,
-                                                         serialization.NoEncryption()))):
-        with open(path, "wb") as f:
-            f.write(data)
-    return paths
-
-
 class Proxy:
     """Forwards HTTP requests to the storage server at `upstream_port`, recording each (`requests`) and answering
     a seeded share of them with 503 instead. Given a folder for its `ca`, it is also an HTTP(S) proxy for clients
@@ -145,7 +101,9 @@ class Proxy:
         proxy = self
         tls = None
         if ca is not None:
-            self.ca, cert, key = _test_ca(ca)
+            authority = Authority(ca)
+            self.ca = authority.path
+            cert, key = authority.issue("google", hosts=GOOGLE_HOSTS)
             tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls.load_cert_chain(cert, key)
             tls.set_alpn_protocols(["http/1.1"])

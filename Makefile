@@ -101,7 +101,18 @@ endif
 endif
 
 .PHONY: install lock train test faults bench data image-data manifests pin-base image gpu-check image-sizes push \
-        submit local tensorboard clean
+        submit local tensorboard clean cluster cluster-down cluster-bin
+
+# The local control plane (tests/cluster/): etcd, Kubernetes, KWOK, JobSet and Kueue, each built by `go build`
+# from a wrapper module that pins it; rebuilt only when that module's go.mod or go.sum changes.
+GO          ?= go
+CLUSTER_DIR ?= build/cluster
+CLUSTER_BIN := $(CLUSTER_DIR)/bin
+CLUSTER_MODULES := etcd kubernetes kwok jobset kueue
+# Kubernetes reports its version from these (the launcher reads it); the release is the one go.mod pins.
+KUBE_LDFLAGS = V=$$($(GO) list -m -f '{{.Version}}' k8s.io/kubernetes); M=$${V\#v1.}; \
+  ldflags="$(foreach k,gitVersion=$$V gitMajor=1 gitMinor=$${M%%.*} gitTreeState=clean,\
+  -X k8s.io/component-base/version.$(k))"
 
 install: $(VENV)/.installed
 
@@ -221,6 +232,23 @@ tensorboard: override FLAVOUR = gpu
 tensorboard: install push
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE_REF) --logdir $(REMOTE_DIR) \
 	  $(if $(TENSORBOARD_GCP_SERVICE_ACCOUNT),--gcp-service-account $(TENSORBOARD_GCP_SERVICE_ACCOUNT))
+
+cluster-bin: $(foreach m,$(CLUSTER_MODULES),$(CLUSTER_BIN)/.$(m))
+
+$(CLUSTER_BIN)/.%: tests/cluster/%/go.mod tests/cluster/%/go.sum
+	@command -v $(GO) >/dev/null || { echo "error: make cluster needs Go ($(GO)) to build the control plane" >&2; exit 2; }
+	mkdir -p $(CLUSTER_BIN)
+	cd tests/cluster/$* && $(if $(filter kubernetes,$*),$(KUBE_LDFLAGS);,ldflags=;) \
+	  $(GO) build -trimpath -ldflags "-s -w $$ldflags" -o $(abspath $(CLUSTER_BIN))/ tool
+	$(if $(filter etcd,$*),mv $(CLUSTER_BIN)/server $(CLUSTER_BIN)/etcd)
+	touch $@
+
+# A real control plane on 127.0.0.1 with simulated GPU nodes (KWOK): export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig.
+cluster: install cluster-bin
+	CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m tests.cluster.control_plane up
+
+cluster-down:
+	CLUSTER_DIR=$(CLUSTER_DIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tests.cluster.control_plane down
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

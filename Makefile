@@ -107,7 +107,7 @@ endif
 # from a wrapper module that pins it; rebuilt only when that module's go.mod or go.sum changes.
 GO          ?= go
 CLUSTER_DIR ?= build/cluster
-CLUSTER_BIN := $(CLUSTER_DIR)/bin
+CLUSTER_BIN ?= build/cluster/bin
 CLUSTER_MODULES := etcd kubernetes kwok jobset kueue
 # Kubernetes reports its version from these (the launcher reads it); the release is the one go.mod pins.
 KUBE_LDFLAGS = V=$$($(GO) list -m -f '{{.Version}}' k8s.io/kubernetes); M=$${V\#v1.}; \
@@ -245,10 +245,10 @@ $(CLUSTER_BIN)/.%: tests/cluster/%/go.mod tests/cluster/%/go.sum
 
 # A real control plane on 127.0.0.1 with simulated GPU nodes (KWOK): export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig.
 cluster: install cluster-bin
-	CLUSTER_DIR=$(CLUSTER_DIR) $(PY) -m tests.cluster.control_plane up
+	CLUSTER_DIR=$(CLUSTER_DIR) CLUSTER_BIN=$(CLUSTER_BIN) $(PY) -m tests.cluster.control_plane up
 
 cluster-down:
-	CLUSTER_DIR=$(CLUSTER_DIR) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tests.cluster.control_plane down
+	CLUSTER_DIR=$(CLUSTER_DIR) CLUSTER_BIN=$(CLUSTER_BIN) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tests.cluster.control_plane down
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

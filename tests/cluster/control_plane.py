@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 
 BUILD = os.path.abspath(os.environ.get("CLUSTER_DIR", os.path.join(ROOT, "build", "cluster")))
-BIN = os.path.join(BUILD, "bin")
+BIN = os.path.abspath(os.environ.get("CLUSTER_BIN", os.path.join(ROOT, "build", "cluster", "bin")))
 LOGS = os.path.join(BUILD, "logs")
 STATE = os.path.join(BUILD, "state.json")
 KUBECONFIG = os.path.join(BUILD, "kubeconfig")
@@ -42,8 +42,7 @@ GPU_TAINT = {"key": GPU, "value": "present", "effect": "NoSchedule"}
 FAKE_NODE = ("kwok.x-k8s.io/node", "fake")
 STAGES = os.path.join(HERE, "stages.yaml")  # ours; KWOK's own are added from its module (KWOK_STAGES)
 KWOK_STAGES = ("kustomize/stage/node/fast/node-initialize.yaml", "kustomize/stage/node/heartbeat/node-heartbeat.yaml",
-               "kustomize/stage/pod/fast/pod-ready.yaml", "kustomize/stage/pod/fast/pod-delete.yaml",
-               "kustomize/stage/pod/chaos/pod-container-running-failed.yaml")
+               "kustomize/stage/pod/fast/pod-ready.yaml", "kustomize/stage/pod/chaos/pod-container-running-failed.yaml")
 KUEUE_METRICS_CERTS = "/etc/kueue/metrics/certs"  # fixed in Kueue's main.go when it does not manage certificates
 
 
@@ -236,24 +235,27 @@ class ControlPlane:
             core.create_namespace({"metadata": {"name": name}})
 
     def _nodes(self) -> None:
+        """The GPU nodes, and one node without GPUs or taints (GKE's default pool: TensorBoard runs there)."""
         from kubernetes import client
 
         core = client.CoreV1Api(self.api)
-        for i in range(NODES):
-            name = f"gpu-node-{i}"
+        nodes = [(f"gpu-node-{i}", GPU_NODE_LABELS, [GPU_TAINT], {"cpu": "48", "memory": "192Gi",
+                                                                  GPU: str(GPUS_PER_NODE)}) for i in range(NODES)]
+        nodes.append(("cpu-node-0", {"cloud.google.com/gke-nodepool": "default-pool"}, [],
+                      {"cpu": "4", "memory": "16Gi"}))
+        for name, labels, taints, resources in nodes:
             core.create_node({"metadata": {
                 "name": name, "annotations": {FAKE_NODE[0]: FAKE_NODE[1], "node.alpha.kubernetes.io/ttl": "0"},
-                "labels": {**GPU_NODE_LABELS, "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
+                "labels": {**labels, "kubernetes.io/hostname": name, "kubernetes.io/os": "linux",
                            "kubernetes.io/arch": "amd64", "type": "kwok"}},
-                "spec": {"taints": [GPU_TAINT]},
-                "status": {"allocatable": {"cpu": "48", "memory": "192Gi", "pods": "110", GPU: str(GPUS_PER_NODE)},
-                           "capacity": {"cpu": "48", "memory": "192Gi", "pods": "110", GPU: str(GPUS_PER_NODE)}}})
+                "spec": {"taints": taints},
+                "status": {"allocatable": {**resources, "pods": "110"}, "capacity": {**resources, "pods": "110"}}})
 
     def _nodes_ready(self) -> bool:
         from kubernetes import client
 
         nodes = client.CoreV1Api(self.api).list_node().items
-        return len(nodes) == NODES and all(any(c.type == "Ready" and c.status == "True"
+        return len(nodes) == NODES + 1 and all(any(c.type == "Ready" and c.status == "True"
                                                for c in (n.status.conditions or [])) for n in nodes)
 
     def _webhooks(self, manifest: str, port: int, prefix: str) -> list[dict[str, Any]]:

@@ -182,7 +182,8 @@ def _pod_spec(spec: JobSpec) -> dict[str, Any]:
 
 
 def _exit_codes(action: str, *codes: int) -> dict[str, Any]:
-    return {"action": action, "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": list(codes)}}
+    # The API server refuses a Job whose exit codes are not in ascending order (found by the local control plane).
+    return {"action": action, "onExitCodes": {"containerName": CONTAINER, "operator": "In", "values": sorted(codes)}}
 
 
 _DISRUPTED = {"onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}  # preemption, eviction, drain

@@ -30,8 +30,9 @@ class Local:
         from kubernetes import client, config
 
         self.kubeconfig = kubeconfig
-        config.load_kube_config(kubeconfig)
-        self.api = client.ApiClient()
+        settings = client.Configuration()
+        config.load_kube_config(kubeconfig, client_configuration=settings)
+        self.api = client.ApiClient(settings)
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.apps = client.AppsV1Api(self.api)
@@ -284,3 +285,57 @@ def test_submit_to_a_queue_that_does_not_exist_is_refused_in_one_line(local):
     assert result.returncode == 2 and error_lines(result.stderr) == [result.stderr.strip()]
     assert "not found: find LocalQueue default/team-x" in result.stderr
     assert not local.pods("noqueue")
+
+
+def test_the_launcher_role_is_enough_to_run_and_nothing_more(local, tmp_path):
+    """A user bound only to k8s/launcher-role.yaml's Role (real RBAC; the user authenticates with a token of
+    its own) can submit, watch, read logs, open TensorBoard and cancel, and is refused Secrets and other
+    namespaces."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    from trainer.launch.manifests import launcher_role, launcher_role_binding
+
+    local.core.create_namespaced_service_account("default", {"metadata": {"name": "alice"}})
+    local.core.create_namespace({"metadata": {"name": "other"}})
+    rbac = client.RbacAuthorizationV1Api(local.api)
+    rbac.create_namespaced_role("default", launcher_role("default"))
+    binding = launcher_role_binding("default", group="unused")
+    binding["subjects"] = [{"kind": "ServiceAccount", "name": "alice", "namespace": "default"}]
+    rbac.create_namespaced_role_binding("default", binding)
+    token = local.core.create_namespaced_service_account_token("alice", "default", {
+        "spec": {"expirationSeconds": 3600}}).status.token
+    admin = yaml_load(local.kubeconfig)
+    admin["users"] = [{"name": "alice", "user": {"token": token}}]
+    admin["contexts"][0]["context"]["user"] = "alice"
+    path = tmp_path / "alice.kubeconfig"
+    path.write_text(json.dumps(admin))
+    alice = Local(str(path))
+
+    alice.submit("alice-run", "--gpus", "1", "--queue", "default")
+    local.submitted.append("alice-run")
+    pod = local.running("alice-run")
+    assert "Running" in alice.status("alice-run")
+    logs = alice.launch("logs", "alice-run")
+    assert logs.returncode == 0 and "simulated by KWOK" in logs.stdout, logs.stderr
+    assert alice.launch("events", "alice-run").returncode == 0 and alice.launch("list").returncode == 0
+    board = alice.launch("tensorboard", "--image", "img:1", "--logdir", "gs://b/runs")
+    assert board.returncode == 0, board.stderr
+    local.end(pod, 0)
+    waited = alice.launch("wait", "alice-run", "--timeout", "60", "--interval", "1")
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    cancelled = alice.launch("cancel", "alice-run")
+    assert cancelled.returncode == 0, cancelled.stderr
+    with pytest.raises(ApiException) as refused:
+        alice.core.list_namespaced_secret("default")
+    assert refused.value.status == 403
+    elsewhere = alice.launch("-n", "other", "submit", "--image", "img:1", "--output-dir", "gs://b/runs", "--run",
+                             "alice-other", "--gpus", "1", "--", "--model", "cnn")
+    assert elsewhere.returncode == 2 and "forbidden" in elsewhere.stderr, elsewhere.stderr
+
+
+def yaml_load(path: str) -> dict:
+    import yaml
+
+    with open(path) as f:
+        return yaml.safe_load(f)

@@ -23,8 +23,8 @@ from kube import KubeAPI
 from trainer.cluster import INDEX_ENV, JOB_ENV, WORKERS_ENV, configure_cluster
 from trainer.config import DATASETS, PRESETS, build_config
 from trainer.launch.cli import job_spec, parse, render_examples
-from trainer.launch.manifests import (MIN_KUBERNETES, JobSpec, longest_name, run_name_problem, service_account,
-                                      tensorboard_objects, training_objects)
+from trainer.launch.manifests import (MIN_KUBERNETES, JobSpec, launcher_role, launcher_role_binding, longest_name,
+                                      run_name_problem, service_account, tensorboard_objects, training_objects)
 
 SCHEMAS = os.path.join(os.path.dirname(kubernetes_validate.__file__), "kubernetes-json-schema")
 # Every Kubernetes release the launcher supports that kubernetes-validate has schemas for: MIN_KUBERNETES on.
@@ -44,7 +44,8 @@ JOBSETS = [*training_objects(MULTI), *training_objects(QUEUED_GROUP), *training_
 CORE_OBJECTS = [*training_objects(SINGLE), *training_objects(CPU_ONLY), *training_objects(QUEUED),
                 *training_objects(dataclasses.replace(SINGLE, run="r7", spot=True)),
                 *tensorboard_objects("img:1", "gs://b/runs"),
-                service_account("default", "sa@p.iam.gserviceaccount.com"), service_account("default")]
+                service_account("default", "sa@p.iam.gserviceaccount.com"), service_account("default"),
+                launcher_role("team-a"), launcher_role_binding("team-a", "ml-engineers")]
 
 
 def _name(obj: dict) -> str:

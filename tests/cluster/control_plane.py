@@ -43,6 +43,9 @@ FAKE_NODE = ("kwok.x-k8s.io/node", "fake")
 STAGES = os.path.join(HERE, "stages.yaml")  # ours; KWOK's own are added from its module (KWOK_STAGES)
 KWOK_STAGES = ("kustomize/stage/node/fast/node-initialize.yaml", "kustomize/stage/node/heartbeat/node-heartbeat.yaml",
                "kustomize/stage/pod/fast/pod-ready.yaml", "kustomize/stage/pod/chaos/pod-container-running-failed.yaml")
+# What `kubectl logs` (and `mnist-launch logs`) shows of any trainer container: KWOK serves this file.
+POD_LOG = os.path.join(BUILD, "trainer.log")
+POD_LOG_TEXT = "a pod simulated by KWOK: nothing ran here; this is the log KWOK serves for every trainer container\n"
 KUEUE_METRICS_CERTS = "/etc/kueue/metrics/certs"  # fixed in Kueue's main.go when it does not manage certificates
 
 
@@ -211,11 +214,18 @@ class ControlPlane:
         self._namespaces()
         self._nodes()
         kwok = _module_dir("sigs.k8s.io/kwok")
-        stages = os.path.join(BUILD, "kwok-stages.yaml")
-        with open(stages, "w") as out:
-            out.write("\n---\n".join(open(p).read() for p in [*(os.path.join(kwok, s) for s in KWOK_STAGES), STAGES]))
+        settings = os.path.join(BUILD, "kwok-config.yaml")
+        with open(POD_LOG, "w") as f:  # as a container runtime writes it (CRI): time, stream, full line, text
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000000Z", time.gmtime())
+            f.write("".join(f"{stamp} stderr F {line}\n" for line in POD_LOG_TEXT.splitlines()))
+        logs = {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "ClusterLogs", "metadata": {"name": "trainer"},
+                "spec": {"selector": {"matchNamespaces": [NAMESPACE]},
+                         "logs": [{"containers": ["trainer"], "logsFile": POD_LOG, "previousLogsFile": POD_LOG}]}}
+        with open(settings, "w") as out:
+            out.write("\n---\n".join([*(open(p).read() for p in [*(os.path.join(kwok, s) for s in KWOK_STAGES),
+                                                                    STAGES]), yaml.safe_dump(logs)]))
         self._start("kwok", [
-            os.path.join(BIN, "kwok"), "--kubeconfig", KUBECONFIG, "--config", stages,
+            os.path.join(BIN, "kwok"), "--kubeconfig", KUBECONFIG, "--config", settings,
             "--manage-all-nodes=false", f"--manage-nodes-with-annotation-selector={FAKE_NODE[0]}={FAKE_NODE[1]}",
             "--node-ip", "127.0.0.1", "--node-port", str(self.ports["kwok"]),
             "--server-address", f"127.0.0.1:{self.ports['kwok']}",

@@ -15,7 +15,8 @@ import yaml
 from trainer.config import (EXIT_RUN_FAILED, EXIT_WAIT_TIMEOUT, ConfigError, Parser, TrainerError, add_flags,
                             check_replicas, config_from_args, fail, flag_names)
 from trainer.launch.client import JOB_INDEX_ANNOTATION, REQUEST_TIMEOUT, Cluster, LaunchError, event_time, pod_summary
-from trainer.launch.manifests import (LAUNCHER_FLAGS, SPOT_GRACE_SECONDS, SPOT_LABEL, TENSORBOARD, JobSpec, run_name_problem, service_account,
+from trainer.launch.manifests import (LAUNCHER_FLAGS, SPOT_GRACE_SECONDS, SPOT_LABEL, TENSORBOARD, JobSpec,
+                                      launcher_role, launcher_role_binding, run_name_problem, service_account,
                                       tensorboard_objects, training_objects)
 
 
@@ -300,6 +301,8 @@ def render_examples(folder: str) -> list[str]:
         "job-single-node.yaml": training_objects(single),
         "jobset-multi-worker.yaml": training_objects(multi),
         "tensorboard.yaml": tensorboard_objects(EXAMPLE["image"], EXAMPLE["output_dir"]),
+        # For a cluster's admin: what the people who run the launcher need in their namespace, and no more.
+        "launcher-role.yaml": [launcher_role("default"), launcher_role_binding("default")],
     }
     os.makedirs(folder, exist_ok=True)
     for name, objects in files.items():

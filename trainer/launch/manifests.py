@@ -277,6 +277,39 @@ def service_account(namespace: str, gcp_service_account: str = "", name: str = A
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}
 
 
+LAUNCHER_ROLE = f"{APP}-launcher"
+
+
+def launcher_role(namespace: str = "default") -> dict[str, Any]:
+    """A Role with just what the launcher's commands need in one namespace, for the people who run them."""
+    def rule(group: str, resources: list[str], verbs: list[str]) -> dict[str, Any]:
+        return {"apiGroups": [group], "resources": resources, "verbs": verbs}
+
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": _metadata(LAUNCHER_ROLE, namespace, {"app.kubernetes.io/name": APP}),
+            "rules": [
+                rule("batch", ["jobs"], ["create", "get", "list", "delete"]),  # submit, status, list, cancel
+                rule(JOBSET_GROUP, [JOBSET_PLURAL], ["create", "get", "list", "delete"]),
+                rule("kueue.x-k8s.io", ["localqueues"], ["get"]),  # submit --queue checks it exists
+                rule("", ["pods"], ["get", "list"]),  # status, logs (and port-forward finds TensorBoard's)
+                rule("", ["pods/log"], ["get"]),
+                rule("", ["events"], ["list"]),
+                # submit and tensorboard create them; patch only to set --gcp-service-account
+                rule("", ["serviceaccounts"], ["create", "patch"]),
+                rule("apps", ["deployments"], ["create", "patch"]),  # tensorboard, created then updated
+                rule("", ["services"], ["create", "get", "patch"]),
+                rule("", ["pods/portforward"], ["create"]),  # kubectl port-forward svc/mnist-trainer-tensorboard
+            ]}
+
+
+def launcher_role_binding(namespace: str = "default", group: str = "GROUP") -> dict[str, Any]:
+    """Binds the launcher's Role to a group of users (as the cluster's authentication names it)."""
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+            "metadata": _metadata(LAUNCHER_ROLE, namespace, {"app.kubernetes.io/name": APP}),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": LAUNCHER_ROLE},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "Group", "name": group}]}
+
+
 def tensorboard_objects(image: str, logdir: str, namespace: str = "default") -> list[dict[str, Any]]:
     """A shared TensorBoard over every run under `logdir` (e.g. gs://BUCKET/runs): Deployment + Service."""
     labels = {"app.kubernetes.io/name": APP, "app.kubernetes.io/component": "tensorboard"}

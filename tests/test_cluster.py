@@ -160,7 +160,7 @@ def test_an_interrupted_single_node_run_is_retried_without_counting(local, cause
     assert "Running (Job; failed pods 0, 0 counted of 1 allowed)" in local.status(run)
 
 
-@pytest.mark.parametrize("code", [1, 137, 71])
+@pytest.mark.parametrize("code", [1, 137, 71, 69])  # 69, a lost peer, has no rule of its own on one node
 def test_a_crash_is_retried_and_counted_until_the_retries_are_spent(local, code):
     run = f"one-crash-{code}"
     local.submit(run, "--gpus", "1", "--retries", "1")
@@ -204,7 +204,7 @@ def test_an_interrupted_or_lost_worker_restarts_the_group_without_counting(local
     assert local.running(run, 2)  # a new group of two runs
 
 
-@pytest.mark.parametrize("code", [1, 137])
+@pytest.mark.parametrize("code", [1, 137, 71])
 def test_a_crashed_worker_restarts_the_group_counting_until_the_retries_are_spent(local, code):
     run = f"group-crash-{code}"
     local.submit(run, "--gpus", "1", "--workers", "2", "--retries", "1")
@@ -262,6 +262,14 @@ def test_a_run_that_does_not_fit_the_queue_waits_suspended_until_the_first_ends(
     assert "queued-b: Suspended" in local.status("queued-b") and not local.pods("queued-b")
     local.end(local.running("queued-a", 2, worker=0), 0)
     assert until(lambda: local.pods("queued-b", "Running")), local.status("queued-b")
+
+
+def test_wait_gives_up_with_exit_5_while_the_run_goes_on(local):
+    local.submit("waited", "--gpus", "1")
+    local.running("waited")
+    waited = local.launch("wait", "waited", "--timeout", "2", "--interval", "1")
+    assert waited.returncode == 5 and "waited is still Running after 2 s" in waited.stderr, waited.stderr
+    assert local.pods("waited", "Running")
 
 
 def test_a_run_longer_than_max_runtime_ends_deadline_exceeded(local):
@@ -339,3 +347,27 @@ def yaml_load(path: str) -> dict:
 
     with open(path) as f:
         return yaml.safe_load(f)
+
+
+def test_last_without_jobset_a_group_is_refused_in_one_line_and_a_single_node_still_runs(local):
+    """Last in this file: it removes JobSet's CRD from the control plane."""
+    from kubernetes import client
+
+    from trainer.launch.client import INSTALL_JOBSET
+
+    client.ApiextensionsV1Api(local.api).delete_custom_resource_definition("jobsets.jobset.x-k8s.io")
+
+    def gone() -> bool:
+        try:
+            local.custom.get_api_resources("jobset.x-k8s.io", "v1alpha2")
+            return False
+        except client.rest.ApiException as error:
+            return error.status == 404
+
+    assert until(gone)
+    result = local.launch("submit", "--image", "img:1", "--output-dir", "gs://b/runs", "--run", "nojobset",
+                          "--gpus", "1", "--workers", "2", "--", "--model", "cnn")
+    assert result.returncode == 2 and error_lines(result.stderr) == [result.stderr.strip()]
+    assert "does not serve the JobSet API" in result.stderr and INSTALL_JOBSET in result.stderr
+    local.submit("single-without-jobset", "--gpus", "1")
+    assert local.running("single-without-jobset")

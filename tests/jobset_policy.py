@@ -1,6 +1,10 @@
 """What the Kubernetes Job controller and the JobSet controller do with a failed worker pod, read from
 the manifest itself: the worker Job's podFailurePolicy gives the Job's failure reason and message, and
-the JobSet's failurePolicy rules (first match, RE2-style unanchored patterns) pick the action."""
+the JobSet's failurePolicy rules (first match, RE2-style unanchored patterns) pick the action.
+
+Kept only for tests/group.py, the group runner of the process trials: there real trainer processes end, which
+no pod of the local control plane can run (KWOK runs nothing). tests/test_cluster.py checks that every verdict
+here is what the real Job and JobSet controllers do."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""A Kubernetes API stand-in on loopback: real HTTP, the JSON shapes the official client expects,
-objects kept in memory, every request recorded. It serves the core, batch and apps APIs, and the JobSet
-and Kueue APIs unless told they are not installed (then their discovery and paths answer 404, as a real
-cluster without the CRDs does). Namespaces `forbidden` and `quota` refuse writes; `slow` never answers in time."""
+"""A Kubernetes API stand-in on loopback, kept only for what the real control plane (tests/cluster/) cannot be
+made to show here: an API server of a release older than the ones served as Go modules (`version`), a Kueue
+that serves v1beta1 only or is not installed (`installed`), and a server that never answers in time (namespace
+`slow`). Real HTTP, the JSON shapes the official client expects, objects kept in memory, requests recorded."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from typing import Any
 
-_PATH = re.compile(r"^/(?:api/v1|apis/([a-z0-9.-]+)/([a-z0-9]+))/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?(?:/(log))?$")
+_PATH = re.compile(r"^/(?:api/v1|apis/([a-z0-9.-]+)/([a-z0-9]+))/namespaces/([^/]+)/([a-z]+)(?:/([^/]+))?$")
 _DISCOVERY = re.compile(r"^/apis/([a-z0-9.-]+)/([a-z0-9]+)$")
 _KINDS = {"jobs": "Job", "services": "Service", "serviceaccounts": "ServiceAccount", "deployments": "Deployment",
           "pods": "Pod", "events": "Event", "jobsets": "JobSet", "localqueues": "LocalQueue"}
@@ -28,8 +28,6 @@ class KubeAPI:
     def __init__(self, installed: tuple[str, ...] = tuple(ADDONS), hang: float = 5.0, version: str = "1.33.2") -> None:
         self.version = version
         self.objects: dict[tuple[str, str, str], dict[str, Any]] = {}
-        self.logs: dict[tuple[str, str], str] = {}
-        self.previous_logs: dict[tuple[str, str], str] = {}
         self.requests: list[tuple[str, str, Any]] = []
         self.installed = set(installed)
         self.hang = hang
@@ -95,11 +93,7 @@ class KubeAPI:
         match = _PATH.match(path)
         if not match or not self._served(match.group(1), match.group(2)):
             return self.status(404, "NotFound", f"the server could not find the requested resource {path}")
-        _, _, namespace, plural, name, log = match.groups()
-        if namespace == "forbidden":
-            return self.status(403, "Forbidden", f'{plural} is forbidden: User "me" cannot {method} in "forbidden"')
-        if namespace == "quota" and method == "POST" and plural in ("jobs", "jobsets"):
-            return self.status(403, "Forbidden", 'exceeded quota: gpu-quota, requested: requests.nvidia.com/gpu=8')
+        _, _, namespace, plural, name = match.groups()
         key = (plural, namespace, name)
         if method == "POST":
             name = body["metadata"]["name"]
@@ -110,11 +104,6 @@ class KubeAPI:
             obj.setdefault("status", {})
             self.objects[(plural, namespace, name)] = obj
             return 201, obj
-        if method == "GET" and log:
-            if ("pods", namespace, name) not in self.objects:
-                return self.status(404, "NotFound", f'pods "{name}" not found')
-            logs = self.previous_logs if query.get("previous") == ["true"] else self.logs
-            return 200, logs.get((namespace, name), "")
         if method == "GET" and name is None:
             selector = dict(s.split("=", 1) for s in query.get("labelSelector", [""])[0].split(",") if s)
             items = [o for (p, ns, _), o in self.objects.items() if p == plural and ns == namespace

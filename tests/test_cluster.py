@@ -167,7 +167,11 @@ def test_a_crash_is_retried_and_counted_until_the_retries_are_spent(local, code)
     first = local.running(run)
     local.end(first, code)
     assert until(lambda: any(p.metadata.name != first.metadata.name for p in local.pods(run, "Running")))
-    assert "failed pods 1, 1 counted of 1 allowed" in local.status(run)
+    status = local.status(run)
+    assert "failed pods 1, 1 counted of 1 allowed" in status
+    assert f"pod {first.metadata.name}: Failed, last exit {code} (containerFailed)" in status
+    previous = local.launch("logs", run, "--previous")  # the failed attempt's pod, kept by the Job
+    assert previous.returncode == 0 and "simulated by KWOK" in previous.stdout, previous.stderr
     local.end(local.pods(run, "Running")[0], code)
     waited = local.launch("wait", run, "--timeout", "60", "--interval", "1")
     assert waited.returncode == 4 and "BackoffLimitExceeded" in waited.stdout, waited.stdout
@@ -178,12 +182,33 @@ def test_a_crash_is_retried_and_counted_until_the_retries_are_spent(local, code)
 
 def test_a_group_succeeds_when_worker_0_succeeds(local):
     local.submit("group-ok", "--gpus", "1", "--workers", "2")
+    again = local.launch("submit", "--image", "img:1", "--output-dir", "gs://b/runs", "--run", "group-ok",
+                         "--gpus", "1", "--workers", "2", "--", "--model", "cnn")
+    assert again.returncode == 2 and error_lines(again.stderr) == [
+        again.stderr.strip()] and "already exists: create JobSet default/group-ok" in again.stderr
     local.end(local.running("group-ok", 2, worker=0), 0)
     waited = local.launch("wait", "group-ok", "--timeout", "60", "--interval", "1")
     assert waited.returncode == 0 and "Succeeded" in waited.stdout, waited.stdout + waited.stderr
 
 
-@pytest.mark.parametrize("code", [2, 73])
+# What the real controllers do with a worker that ends this way, as the tests below show; the group runner of the
+# process trials (tests/group.py, through tests/jobset_policy.py) must decide alike.
+GROUP_OUTCOMES = {2: "FailJobSet", 73: "FailJobSet", 75: "RestartJobSetAndIgnoreMaxRestarts",
+                  69: "RestartJobSetAndIgnoreMaxRestarts", "disruption": "RestartJobSetAndIgnoreMaxRestarts",
+                  1: "RestartJobSet", 137: "RestartJobSet", 71: "RestartJobSet"}
+
+
+def test_the_process_trials_group_runner_decides_as_the_real_controllers_do():
+    from jobset_policy import job_failure, jobset_action
+    from trainer.launch.manifests import JobSpec, training_objects
+
+    jobset = training_objects(JobSpec(run="r", image="i", output_dir="gs://b/r", workers=2))[0]
+    for cause, action in GROUP_OUTCOMES.items():
+        failure = {"disrupted": True} if cause == "disruption" else {"exit_code": cause}
+        assert jobset_action(jobset, *job_failure(jobset, **failure)) == action, cause
+
+
+@pytest.mark.parametrize("code", [c for c, a in GROUP_OUTCOMES.items() if a == "FailJobSet"])
 def test_bad_usage_in_any_worker_fails_the_group_at_once(local, code):
     run = f"group-fail-{code}"
     local.submit(run, "--gpus", "1", "--workers", "2")
@@ -193,7 +218,8 @@ def test_bad_usage_in_any_worker_fails_the_group_at_once(local, code):
     assert "restarts 0" in local.status(run).replace("group restarts", "restarts")
 
 
-@pytest.mark.parametrize("cause", ["exit 75", "exit 69", "disruption"])
+@pytest.mark.parametrize("cause", [c if c == "disruption" else f"exit {c}" for c, a in GROUP_OUTCOMES.items()
+                                   if a == "RestartJobSetAndIgnoreMaxRestarts"])
 def test_an_interrupted_or_lost_worker_restarts_the_group_without_counting(local, cause):
     run = f"group-{cause.replace(' ', '-')}"
     local.submit(run, "--gpus", "1", "--workers", "2", "--retries", "1")
@@ -204,7 +230,7 @@ def test_an_interrupted_or_lost_worker_restarts_the_group_without_counting(local
     assert local.running(run, 2)  # a new group of two runs
 
 
-@pytest.mark.parametrize("code", [1, 137, 71])
+@pytest.mark.parametrize("code", [c for c, a in GROUP_OUTCOMES.items() if a == "RestartJobSet"])
 def test_a_crashed_worker_restarts_the_group_counting_until_the_retries_are_spent(local, code):
     run = f"group-crash-{code}"
     local.submit(run, "--gpus", "1", "--workers", "2", "--retries", "1")
@@ -243,9 +269,13 @@ def test_cancel_deletes_the_run_and_everything_it_owned(local):
     assert local.launch("status", "cancelled").returncode == 2
 
 
-def test_tensorboard_becomes_available(local):
-    result = local.launch("tensorboard", "--image", "img:1", "--logdir", "gs://b/runs")
+def test_tensorboard_becomes_available_and_is_updated_in_place(local):
+    result = local.launch("tensorboard", "--image", "img:1", "--logdir", "gs://b/old")
     assert result.returncode == 0, result.stderr
+    result = local.launch("tensorboard", "--image", "img:1", "--logdir", "gs://b/runs")
+    assert result.returncode == 0 and "port-forward svc/mnist-trainer-tensorboard" in result.stdout, result.stderr
+    deployment = local.apps.read_namespaced_deployment("mnist-trainer-tensorboard", "default")
+    assert deployment.spec.template.spec.containers[0].args[:2] == ["--logdir", "gs://b/runs"]
 
     def available() -> bool:
         status = local.apps.read_namespaced_deployment("mnist-trainer-tensorboard", "default").status
@@ -281,10 +311,59 @@ def test_a_run_longer_than_max_runtime_ends_deadline_exceeded(local):
 
 def test_list_and_events_read_the_real_objects(local):
     local.submit("listed", "--gpus", "1")
+    local.submit("listed-group", "--gpus", "1", "--workers", "2")
     local.end(local.running("listed"), 0)
     assert until(lambda: "listed\tJob\tSucceeded" in local.launch("list").stdout)
+    listed = [line.split("\t")[:2] for line in local.launch("list").stdout.splitlines()]
+    assert ["listed-group", "JobSet"] in listed and not [n for n, kind in listed if n.startswith("listed-group-")]
+    assert local.batch.read_namespaced_job("listed-group-worker-0", "default")  # its Job exists, listed as it
     events = local.launch("events", "listed")
     assert events.returncode == 0 and "SuccessfulCreate" in events.stdout and "Scheduled" in events.stdout
+
+
+@pytest.mark.parametrize("command", [["status", "nope"], ["wait", "nope"], ["cancel", "nope"], ["events", "nope"],
+                                     ["logs", "nope"]])
+def test_a_run_that_does_not_exist_is_one_line(local, command):
+    result = local.launch(*command)
+    assert result.returncode == 2 and error_lines(result.stderr) == [result.stderr.strip()]
+    assert "not found" in result.stderr
+
+
+def test_a_resource_quota_refusal_is_one_line(local):
+    local.core.create_namespace({"metadata": {"name": "quota", "labels": {
+        "pod-security.kubernetes.io/enforce": "restricted"}}})
+    local.core.create_namespaced_resource_quota("quota", {"metadata": {"name": "no-jobs"},
+                                                          "spec": {"hard": {"count/jobs.batch": "0"}}})
+    result = local.launch("-n", "quota", "submit", "--image", "img:1", "--output-dir", "gs://b/runs", "--run", "q",
+                          "--gpus", "1", "--", "--model", "cnn")
+    assert result.returncode == 2 and error_lines(result.stderr) == [result.stderr.strip()]
+    assert result.stderr.startswith("error: refused by a resource quota: ") and "count/jobs.batch" in result.stderr
+
+
+@pytest.mark.parametrize("command, account", [("submit", "mnist-trainer"), ("tensorboard", "mnist-trainer-tensorboard")])
+def test_a_service_account_is_annotated_only_when_a_google_one_is_given(local, command, account):
+    def run(name: str, *options: str) -> subprocess.CompletedProcess:
+        where = ["--output-dir", "gs://b/runs", "--run", name, "--gpus", "1"] if command == "submit" else \
+            ["--logdir", "gs://b/runs"]
+        local.submitted += [name] if command == "submit" else []
+        return local.launch(command, "--image", "img:1", *where, *options, *(["--", "--model", "cnn"]
+                                                                             if command == "submit" else []))
+
+    local.core.patch_namespaced_service_account(account, "default", {"metadata": {"annotations": {
+        "set-by": "the cluster's admin"}}}) if _exists(local, account) else local.core.create_namespaced_service_account(
+        "default", {"metadata": {"name": account, "annotations": {"set-by": "the cluster's admin"}}})
+    assert run("sa1").returncode == 0
+    annotations = local.core.read_namespaced_service_account(account, "default").metadata.annotations
+    assert annotations == {"set-by": "the cluster's admin"}  # left alone
+    email = "trainer@p.iam.gserviceaccount.com"
+    result = run("sa2", "--gcp-service-account", email)
+    assert result.returncode == 0, result.stderr
+    annotations = local.core.read_namespaced_service_account(account, "default").metadata.annotations
+    assert annotations == {"set-by": "the cluster's admin", "iam.gke.io/gcp-service-account": email}
+
+
+def _exists(local: Local, account: str) -> bool:
+    return any(a.metadata.name == account for a in local.core.list_namespaced_service_account("default").items)
 
 
 def test_submit_to_a_queue_that_does_not_exist_is_refused_in_one_line(local):

@@ -1,10 +1,12 @@
-"""The launcher: manifests against the official Kubernetes schemas (and JobSet's API), the group's failure
-policy, run names, and real HTTP through the official client to an API stand-in."""
+"""The launcher without a cluster: manifests against the official Kubernetes schemas (and JobSet's API), run
+names, flags, dry runs; and, through an API stand-in, only what the real control plane of tests/test_cluster.py
+cannot show here: an older Kubernetes, a Kueue without v1beta2 or none, a server that never answers."""
 
 from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import itertools
 import os
 import re
@@ -18,7 +20,7 @@ import kubernetes_validate
 
 from conftest import ROOT, error_lines
 from group import pod_env
-from jobset_policy import job_failure, jobset_action
+from gcs import free_port
 from kube import KubeAPI
 from trainer.cluster import INDEX_ENV, JOB_ENV, WORKERS_ENV, configure_cluster
 from trainer.config import DATASETS, PRESETS, build_config
@@ -112,23 +114,6 @@ def test_jobset_fields_are_those_of_jobset_v1alpha2(jobset):
     for replicated in spec["replicatedJobs"]:
         assert set(replicated) <= JOBSET_FIELDS["replicatedJob"] and DNS_1035.match(replicated["name"])
         assert isinstance(replicated["replicas"], int) and 1 <= replicated["replicas"] <= 1024
-
-
-@pytest.mark.parametrize("failure, action", [
-    (dict(exit_code=2), "FailJobSet"),  # bad usage: never retried
-    (dict(exit_code=75), "RestartJobSetAndIgnoreMaxRestarts"),  # SIGTERM after saving
-    (dict(exit_code=69), "RestartJobSetAndIgnoreMaxRestarts"),  # a lost peer
-    (dict(disrupted=True), "RestartJobSetAndIgnoreMaxRestarts"),  # preemption, eviction, node drain
-    (dict(exit_code=1), "RestartJobSet"),  # a crash: counted
-    (dict(exit_code=137), "RestartJobSet"),  # kill -9, OOM
-    (dict(exit_code=74), "RestartJobSet"),  # the store stayed down: counted
-    (dict(exit_code=12), "RestartJobSet"),
-    (dict(exit_code=20), "RestartJobSet"),
-])
-def test_the_group_failure_policy(failure, action):
-    jobset = training_objects(MULTI)[0]
-    assert jobset_action(jobset, *job_failure(jobset, **failure)) == action
-    assert jobset_action(jobset, "DeadlineExceeded", "Job was active longer than specified deadline") == "FailJobSet"
 
 
 def _container(job: dict) -> dict:
@@ -314,21 +299,7 @@ def api(tmp_path):
 GROUP = ["submit", "--image", "img:1", "--output-dir", "gs://b/runs", "--run", "r2", "--gpus", "1", "--workers", "2"]
 
 
-def test_submit_creates_a_jobset_for_a_group_and_409_on_a_second_submit(api):
-    result = launch(*GROUP, kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "r2"
-    assert api.objects[("jobsets", "default", "r2")]["spec"] == training_objects(MULTI)[0]["spec"]
-    assert ("serviceaccounts", "default", "mnist-trainer") in api.objects
-    assert not [k for k in api.objects if k[0] in ("services", "jobs")]
-    posts = [path for method, path, _ in api.requests if method == "POST"]
-    assert posts == ["/api/v1/namespaces/default/serviceaccounts",
-                     "/apis/jobset.x-k8s.io/v1alpha2/namespaces/default/jobsets"]
-    again = launch(*GROUP, kubeconfig=api.path)
-    assert again.returncode == 2
-    assert error_lines(again.stderr)[0].startswith("error: already exists: create JobSet default/r2")
-
-
+# The stand-in API server: no Kubernetes release before 1.34 is served as a Go module here, so no older real one.
 @pytest.mark.parametrize("version, refused", [("1.30.14", True), ("1.31.0", False), ("1.35.1", False)])
 def test_submit_refuses_a_kubernetes_older_than_the_minimum_in_one_line(tmp_path, version, refused):
     server = KubeAPI(version=version)
@@ -348,26 +319,9 @@ def test_submit_refuses_a_kubernetes_older_than_the_minimum_in_one_line(tmp_path
         assert result.returncode == 0 and len(posts) == 2, result.stderr
 
 
-def test_submit_without_jobset_installed_says_how_to_install_it(tmp_path):
-    server = KubeAPI(installed=())
-    path = tmp_path / "kubeconfig"
-    path.write_text(server.kubeconfig())
-    try:
-        result = launch(*GROUP, kubeconfig=str(path))
-        assert result.returncode == 2 and len(error_lines(result.stderr)) == 1 == result.stderr.count("\n")
-        assert "does not serve the JobSet API" in result.stderr
-        install = "kubectl apply --server-side -f https://github.com/kubernetes-sigs/jobset/releases/download/"
-        assert install in result.stderr
-        assert not [m for m, _, _ in server.requests if m == "POST"]
-        single = launch("submit", "--image", "i", "--output-dir", "gs://b/r", "--run", "one", kubeconfig=str(path))
-        assert single.returncode == 0, single.stderr  # a single node needs no JobSet
-        assert ("jobs", "default", "one") in server.objects
-        assert launch("list", kubeconfig=str(path)).stdout.startswith("one\tJob\t")
-    finally:
-        server.stop()
-
-
-@pytest.mark.parametrize("kueue", [("v1beta2", "v1beta1"), ("v1beta2",), ("v1beta1",), ()])
+# The real Kueue of the local control plane serves v1beta2 and v1beta1 (tests/test_cluster.py); a Kueue that serves
+# only v1beta1 (before 0.15) or none at all is the stand-in's: only Kueue 0.17 is served as a Go module here.
+@pytest.mark.parametrize("kueue", [("v1beta1",), ()])
 def test_submit_with_a_queue_finds_it_under_kueues_current_api_then_the_deprecated_one(tmp_path, kueue):
     server = KubeAPI(installed=("jobset.x-k8s.io/v1alpha2", *(f"kueue.x-k8s.io/{v}" for v in kueue)))
     path = tmp_path / "kubeconfig"
@@ -393,143 +347,7 @@ def test_submit_with_a_queue_finds_it_under_kueues_current_api_then_the_deprecat
         server.stop()
 
 
-def _pod(name: str, run: str, index: int, phase: str, exit_code: int | None = None, reason: str = "") -> dict:
-    terminated = {"terminated": {"exitCode": exit_code, "reason": reason}} if exit_code is not None else {}
-    return {"apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "default", "labels": {"mnist-trainer/run": run},
-                         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)},
-                         "creationTimestamp": f"2026-11-22T10:0{index}:00Z"},
-            "status": {"phase": phase, "containerStatuses": [{
-                "name": "trainer", "image": "img:1", "imageID": "", "ready": phase == "Running", "restartCount": 0,
-                "state": terminated or {"running": {}}}]}}
-
-
-def _jobset_status(api: KubeAPI, run: str, status: dict) -> None:
-    api.objects[("jobsets", "default", run)]["status"] = status
-
-
-def test_status_of_a_group_shows_restarts_and_each_pods_last_exit_code(api):
-    assert launch(*GROUP, kubeconfig=api.path).returncode == 0
-    _jobset_status(api, "r2", {"restarts": 3, "restartsCountTowardsMax": 1,
-                               "replicatedJobsStatus": [{"name": "worker", "active": 1, "ready": 1}]})
-    api.put("pods", _pod("r2-worker-0-0-abcde", "r2", 0, "Running"))
-    api.put("pods", _pod("r2-worker-0-1-fghij", "r2", 1, "Failed", 69, "Error"))
-    result = launch("status", "r2", kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == "r2: Running (JobSet; group restarts 3, 1 counted of 4 allowed)"
-    assert lines[1] == "  pod r2-worker-0-0-abcde (worker 0): Running"
-    assert lines[2] == "  pod r2-worker-0-1-fghij (worker 1): Failed, last exit 69 (Error)"
-
-
-def test_status_of_a_failed_job(api):
-    api.put("jobs", {
-        "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "r1", "namespace": "default"},
-        "spec": {"backoffLimit": 4, "template": {"spec": {"containers": []}}},
-        "status": {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
-                                                "message": "Container trainer exited with 2"}]}})
-    api.put("pods", _pod("r1-abc", "r1", 0, "Failed", 2))
-    api.logs[("default", "r1-abc")] = "error: unknown model 'x'\n"
-    result = launch("status", "r1", kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[:2] == ["r1: Failed (Job; failed pods 1, 1 counted of 4 allowed)",
-                                              "  PodFailurePolicy: Container trainer exited with 2"]
-    assert "pod r1-abc (worker 0): Failed, last exit 2" in result.stdout
-    logs = launch("logs", "r1", kubeconfig=api.path)
-    assert logs.returncode == 0 and logs.stdout == "error: unknown model 'x'\n"
-
-
-def test_wait_exits_0_on_success_4_on_failure_5_on_timeout(api):
-    assert launch(*GROUP, kubeconfig=api.path).returncode == 0
-    started = time.monotonic()
-    timed_out = launch("wait", "r2", "--timeout", "2", "--interval", "0.5", kubeconfig=api.path)
-    assert timed_out.returncode == 5 and "still Pending after 2 s" in timed_out.stderr
-    assert time.monotonic() - started < 30
-    _jobset_status(api, "r2", {"conditions": [{"type": "Completed", "status": "True", "reason": "AllJobsCompleted",
-                                               "message": "jobset completed successfully"}]})
-    done = launch("wait", "r2", kubeconfig=api.path)
-    assert done.returncode == 0 and done.stdout.startswith("r2: Succeeded"), done.stderr
-    _jobset_status(api, "r2", {"conditions": [{"type": "Failed", "status": "True", "reason": "FailedJobs",
-                                               "message": "jobset failed due to reaching max number of restarts"}]})
-    failed = launch("wait", "r2", "--timeout", "60", kubeconfig=api.path)
-    assert failed.returncode == 4 and "max number of restarts" in failed.stdout
-    missing = launch("wait", "nope", kubeconfig=api.path)
-    assert missing.returncode == 2 and error_lines(missing.stderr)[0].startswith("error: not found: no run nope")
-
-
-def test_events_of_a_runs_objects(api):
-    assert launch(*GROUP, kubeconfig=api.path).returncode == 0
-    for i, (kind, name, reason, message) in enumerate([
-            ("JobSet", "r2", "RestartJobSetAndIgnoreMaxRestarts", "restarting the group"),
-            ("Pod", "r2-worker-0-1-abcde", "Killing", "Stopping container trainer"),
-            ("Pod", "other-0-xyz", "Scheduled", "not ours")]):
-        api.put("events", {"apiVersion": "v1", "kind": "Event",
-                           "metadata": {"name": f"e{i}", "namespace": "default"},
-                           "involvedObject": {"kind": kind, "name": name, "namespace": "default"},
-                           "reason": reason, "message": message, "type": "Normal",
-                           "lastTimestamp": f"2026-11-22T10:0{i}:00Z", "count": 1})
-    result = launch("events", "r2", kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 2 and "JobSet/r2  RestartJobSetAndIgnoreMaxRestarts: restarting the group" in lines[0]
-    assert "Pod/r2-worker-0-1-abcde  Killing" in lines[1]
-
-
-def test_logs_previous_shows_the_last_attempt(api):
-    assert launch(*GROUP, kubeconfig=api.path).returncode == 0
-    api.put("pods", _pod("r2-worker-0-1-old", "r2", 1, "Failed", 137))
-    api.logs[("default", "r2-worker-0-1-old")] = "killed attempt\n"
-    none = launch("logs", "r2", "--worker", "1", "--previous", kubeconfig=api.path)
-    assert none.returncode == 2 and "no previous attempt of worker 1" in none.stderr
-    newer = _pod("r2-worker-0-1-new", "r2", 1, "Running")
-    newer["metadata"]["creationTimestamp"] = "2026-11-22T11:00:00Z"
-    api.put("pods", newer)
-    api.logs[("default", "r2-worker-0-1-new")] = "current attempt\n"
-    assert launch("logs", "r2", "--worker", "1", kubeconfig=api.path).stdout == "current attempt\n"
-    previous = launch("logs", "r2", "--worker", "1", "--previous", kubeconfig=api.path)
-    assert previous.returncode == 0 and previous.stdout == "killed attempt\n"
-
-
-def test_cancel_deletes_the_jobset_with_foreground_propagation(api):
-    assert launch(*GROUP, kubeconfig=api.path).returncode == 0
-    result = launch("cancel", "r2", kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    deletes = [(path, body) for method, path, body in api.requests if method == "DELETE"]
-    assert deletes == [("/apis/jobset.x-k8s.io/v1alpha2/namespaces/default/jobsets/r2",
-                        {"propagationPolicy": "Foreground"})]
-    assert ("jobsets", "default", "r2") not in api.objects
-
-
-def test_list_shows_jobsets_and_jobs_but_not_a_jobsets_own_jobs(api):
-    assert launch(*GROUP, kubeconfig=api.path).returncode == 0
-    single = launch("submit", "--image", "i", "--output-dir", "gs://b/r", "--run", "r1", kubeconfig=api.path)
-    assert single.returncode == 0, single.stderr
-    child = {"apiVersion": "batch/v1", "kind": "Job",
-             "metadata": {"name": "r2-worker-0", "namespace": "default",
-                          "labels": {"app.kubernetes.io/name": "mnist-trainer",
-                                     "jobset.sigs.k8s.io/jobset-name": "r2"}},
-             "spec": {"template": {"spec": {"containers": []}}}, "status": {}}
-    api.put("jobs", child)
-    result = launch("list", kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    assert [line.split("\t")[:2] for line in result.stdout.splitlines()] == [["r1", "Job"], ["r2", "JobSet"]]
-
-
-@pytest.mark.parametrize("args, code, message", [
-    (["status", "missing"], 2, "error: not found: no run missing"),
-    (["--namespace", "forbidden", "status", "r1"], 2, "error: forbidden: your account may not read JobSet"),
-    (["--namespace", "quota", "submit", "--image", "i:1", "--output-dir", "gs://b/r", "--run", "r1"], 2,
-     "error: refused by a resource quota: exceeded quota"),
-    (["cancel", "missing"], 2, "error: not found: no run missing"),
-    (["events", "missing"], 2, "error: not found: no run missing"),
-])
-def test_api_refusals_are_one_clear_line(api, args, code, message):
-    result = launch(*args, kubeconfig=api.path)
-    assert result.returncode == code
-    errors = error_lines(result.stderr)
-    assert len(errors) == 1 and errors[0].startswith(message), result.stderr
-
-
+# The stand-in API server: one that accepts connections and never answers (namespace "slow").
 @pytest.mark.parametrize("command", [["status", "r1"], ["list"], ["wait", "r1"], ["events", "r1"], ["cancel", "r1"],
                                      GROUP])
 def test_every_api_call_is_bounded_by_the_request_timeout(api, command):
@@ -543,45 +361,24 @@ def test_every_api_call_is_bounded_by_the_request_timeout(api, command):
 def test_no_cluster_and_unreachable_cluster(tmp_path):
     result = launch("list")
     assert result.returncode == 3 and error_lines(result.stderr)[0].startswith("error: no Kubernetes cluster")
-    down = KubeAPI()
-    path = tmp_path / "kubeconfig"
-    path.write_text(down.kubeconfig())
-    down.stop()
+    path = tmp_path / "kubeconfig"  # a server where nothing listens
+    path.write_text(json.dumps({"apiVersion": "v1", "kind": "Config", "current-context": "gone",
+                                "clusters": [{"name": "gone", "cluster": {"server": f"http://127.0.0.1:{free_port()}"}}],
+                                "users": [{"name": "me", "user": {"token": "t"}}],
+                                "contexts": [{"name": "gone", "context": {"cluster": "gone", "user": "me"}}]}))
     result = launch("list", kubeconfig=str(path))
     assert result.returncode == 3 and error_lines(result.stderr)[0].startswith("error: cannot reach the Kubernetes API")
 
 
-def test_tensorboard_is_created_then_updated(api):
-    args = ["tensorboard", "--image", "img:1", "--logdir", "gs://b/runs"]
-    assert launch(*args, kubeconfig=api.path).returncode == 0
-    result = launch(*args, kubeconfig=api.path)
-    assert result.returncode == 0, result.stderr
-    assert "port-forward svc/mnist-trainer-tensorboard" in result.stdout
-    methods = [m for m, p, _ in api.requests if "deployments" in p]
-    assert methods == ["POST", "POST", "PATCH"]
-    args = api.objects[("deployments", "default", "mnist-trainer-tensorboard")]["spec"]["template"]["spec"]
-    assert args["containers"][0]["args"][:2] == ["--logdir", "gs://b/runs"]
-
-
-@pytest.mark.parametrize("command, account", [("submit", "mnist-trainer"), ("tensorboard", "mnist-trainer-tensorboard")])
-def test_a_service_account_is_annotated_only_when_a_google_one_is_given(api, command, account):
-    def run(name: str, *options: str, kubeconfig: str = api.path) -> subprocess.CompletedProcess:
-        where = ["--output-dir", "gs://b/runs", "--run", name] if command == "submit" else ["--logdir", "gs://b/runs"]
-        return launch(command, "--image", "img:1", *where, *options, kubeconfig=kubeconfig)
-
-    key = ("serviceaccounts", "default", account)
-    api.put("serviceaccounts", {"metadata": {"name": account, "namespace": "default",
-                                             "annotations": {"set-by": "the cluster's admin"}}})
-    assert run("sa1").returncode == 0
-    assert api.objects[key]["metadata"]["annotations"] == {"set-by": "the cluster's admin"}  # left alone
-    assert not [m for m, p, _ in api.requests if m == "PATCH" and "serviceaccounts" in p]
-    email = "trainer@p.iam.gserviceaccount.com"
-    result = run("sa2", "--gcp-service-account", email)
-    assert result.returncode == 0, result.stderr
-    assert api.objects[key]["metadata"]["annotations"]["iam.gke.io/gcp-service-account"] == email
-    dry = run("sa3", "--dry-run", kubeconfig="/nonexistent")
-    written = next(o for o in yaml.safe_load_all(dry.stdout) if o["kind"] == "ServiceAccount")
-    assert written["metadata"]["name"] == account and "annotations" not in written["metadata"]
+def test_a_dry_run_names_an_unannotated_service_account_unless_a_google_one_is_given():
+    for command, account, where in (("submit", "mnist-trainer", ["--output-dir", "gs://b/runs", "--run", "sa"]),
+                                    ("tensorboard", "mnist-trainer-tensorboard", ["--logdir", "gs://b/runs"])):
+        for email in ("", "trainer@p.iam.gserviceaccount.com"):
+            extra = ["--gcp-service-account", email] if email else []
+            dry = launch(command, "--image", "img:1", *where, *extra, "--dry-run")
+            written = next(o for o in yaml.safe_load_all(dry.stdout) if o["kind"] == "ServiceAccount")
+            assert written["metadata"]["name"] == account
+            assert written["metadata"].get("annotations", {}).get("iam.gke.io/gcp-service-account", "") == email
 
 
 @pytest.mark.parametrize("command", ["submit", "status", "wait", "events", "logs", "cancel", "list", "render",

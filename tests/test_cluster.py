@@ -109,10 +109,14 @@ def _cancel_runs(request):
 @pytest.fixture(scope="module")
 def local() -> Local:
     """One control plane for this file: built (if a pin changed) and started here, stopped at the end."""
-    if shutil.which("go") is None:
-        reason = "needs Go (go on PATH) to build the local control plane from tests/cluster/"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI: {reason}")
+    from tests.cluster.control_plane import KUEUE_METRICS_CERTS, can_write_kueue_certs
+
+    reason = ("needs Go (go on PATH) to build the local control plane from tests/cluster/" if shutil.which("go") is None
+              else f"needs root: Kueue reads its metrics certificate from {KUEUE_METRICS_CERTS}"
+              if not can_write_kueue_certs() else "")
+    if reason and os.environ.get("CI") == "true":
+        pytest.fail(f"CI: {reason}")
+    if reason:
         pytest.skip(reason)
     env = {**os.environ, "CLUSTER_DIR": CLUSTER_DIR}
     built = subprocess.run(["make", "--no-print-directory", "cluster-bin"], cwd=ROOT, capture_output=True, text=True)

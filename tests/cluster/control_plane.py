@@ -64,6 +64,14 @@ def _module_dir(name: str) -> str:
     return json.loads(out)["Dir"]
 
 
+def can_write_kueue_certs() -> bool:
+    """True if this user can write Kueue's fixed metrics-certificate folder (or make it)."""
+    folder = KUEUE_METRICS_CERTS
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return os.access(folder, os.W_OK)
+
+
 def _free_port() -> int:
     import socket
 
@@ -341,6 +349,9 @@ class ControlPlane:
         bases = sorted(f"config/components/crd/bases/{n}" for n in os.listdir(os.path.join(
             module, "config/components/crd/bases")) if n.endswith(".yaml"))
         # Kueue reads its metrics certificate from a fixed folder when it does not make its own certificates.
+        if not can_write_kueue_certs():
+            raise ComponentFailed("kueue", f"it reads its metrics certificate from {KUEUE_METRICS_CERTS}, which "
+                                           "this user cannot write (run as root)")
         os.makedirs(KUEUE_METRICS_CERTS, exist_ok=True)
         for ours, theirs in (("webhooks.crt", "tls.crt"), ("webhooks.key", "tls.key")):
             with open(os.path.join(self.pki, ours), "rb") as src, \

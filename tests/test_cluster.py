@@ -164,7 +164,7 @@ def test_an_interrupted_single_node_run_is_retried_without_counting(local, cause
     assert "Running (Job; failed pods 0, 0 counted of 1 allowed)" in local.status(run)
 
 
-@pytest.mark.parametrize("code", [1, 137, 71, 69])  # 69, a lost peer, has no rule of its own on one node
+@pytest.mark.parametrize("code", [1, 137, 71, 74, 69])  # 69, a lost peer, has no rule of its own on one node
 def test_a_crash_is_retried_and_counted_until_the_retries_are_spent(local, code):
     run = f"one-crash-{code}"
     local.submit(run, "--gpus", "1", "--retries", "1")
@@ -199,7 +199,7 @@ def test_a_group_succeeds_when_worker_0_succeeds(local):
 # process trials (tests/group.py, through tests/jobset_policy.py) must decide alike.
 GROUP_OUTCOMES = {2: "FailJobSet", 73: "FailJobSet", 75: "RestartJobSetAndIgnoreMaxRestarts",
                   69: "RestartJobSetAndIgnoreMaxRestarts", "disruption": "RestartJobSetAndIgnoreMaxRestarts",
-                  1: "RestartJobSet", 137: "RestartJobSet", 71: "RestartJobSet"}
+                  1: "RestartJobSet", 137: "RestartJobSet", 71: "RestartJobSet", 74: "RestartJobSet"}
 
 
 def test_the_process_trials_group_runner_decides_as_the_real_controllers_do():

@@ -26,6 +26,8 @@ REPLICAS = 2
 split_cpu(REPLICAS)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # the helpers import each other as tests.X, as bench and `python -m tests.cluster...` do
+    sys.path.insert(0, ROOT)
 DOCKERFILE = os.path.join(ROOT, "docker", "Dockerfile")
 # The fault trials' seeds (FAULT_SEED=S or RUN_FAULT_SEED=S repeats a set), drawn once per session: pytest-xdist's
 # workers inherit this environment, and every worker must draw the same parametrized trials.

@@ -20,7 +20,7 @@ import time
 import urllib.parse
 import urllib.request
 
-from certs import Authority
+from tests.certs import Authority
 
 
 def free_port() -> int:

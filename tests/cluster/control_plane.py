@@ -22,6 +22,7 @@ from typing import Any, Callable
 import yaml
 
 from tests.certs import Authority, private_key_pem
+from tests.gcs import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -70,14 +71,6 @@ def can_write_kueue_certs() -> bool:
     while not os.path.exists(folder):
         folder = os.path.dirname(folder)
     return os.access(folder, os.W_OK)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ControlPlane:
@@ -138,24 +131,27 @@ class ControlPlane:
         with open(os.path.join(self.pki, "sa.pub"), "wb") as f:
             f.write(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
-        # controller-runtime reads tls.crt and tls.key from its certificate folder.
-        webhooks = os.path.join(self.pki, "webhook-server")
-        os.makedirs(webhooks, exist_ok=True)
+        self._serving_pair(os.path.join(self.pki, "webhook-server"))
+
+    def _serving_pair(self, folder: str) -> None:
+        """The webhooks' certificate and key as tls.crt and tls.key in `folder`, where controller-runtime reads them."""
+        os.makedirs(folder, exist_ok=True)
         for ours, theirs in (("webhooks.crt", "tls.crt"), ("webhooks.key", "tls.key")):
-            with open(os.path.join(self.pki, ours), "rb") as src, open(os.path.join(webhooks, theirs), "wb") as dst:
+            with open(os.path.join(self.pki, ours), "rb") as src, open(os.path.join(folder, theirs), "wb") as dst:
                 dst.write(src.read())
 
-    def _kubeconfig(self) -> None:
-        def data(name: str) -> str:
-            with open(os.path.join(self.pki, name), "rb") as f:
-                return base64.b64encode(f.read()).decode()
+    def _base64(self, name: str) -> str:
+        """A file of the PKI folder, base64-encoded (kubeconfig data, a webhook's caBundle)."""
+        with open(os.path.join(self.pki, name), "rb") as f:
+            return base64.b64encode(f.read()).decode()
 
+    def _kubeconfig(self) -> None:
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "mnist-local",
             "clusters": [{"name": "mnist-local", "cluster": {"server": f"https://127.0.0.1:{self.ports['apiserver']}",
-                                                             "certificate-authority-data": data("ca.crt")}}],
-            "users": [{"name": "admin", "user": {"client-certificate-data": data("admin.crt"),
-                                                 "client-key-data": data("admin.key")}}],
+                                                             "certificate-authority-data": self._base64("ca.crt")}}],
+            "users": [{"name": "admin", "user": {"client-certificate-data": self._base64("admin.crt"),
+                                                 "client-key-data": self._base64("admin.key")}}],
             "contexts": [{"name": "mnist-local", "context": {"cluster": "mnist-local", "user": "admin",
                                                              "namespace": NAMESPACE}}],
         }
@@ -175,7 +171,7 @@ class ControlPlane:
             raise ComponentFailed(missing[0], f"no binary in {BIN}: run make cluster-bin")
         for name in ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler", "kwok", "jobset-webhook",
                      "jobset-probe", "kueue-webhook", "kueue-probe", "kueue-metrics"):
-            self.ports[name] = _free_port()
+            self.ports[name] = free_port()
         self._certificates()
         self._kubeconfig()
         pki = lambda name: os.path.join(self.pki, name)  # noqa: E731
@@ -278,8 +274,7 @@ class ControlPlane:
 
     def _webhooks(self, manifest: str, port: int, prefix: str) -> list[dict[str, Any]]:
         """A project's webhook configurations, pointed at its server on 127.0.0.1 and trusting our CA."""
-        with open(os.path.join(self.pki, "ca.crt"), "rb") as f:
-            bundle = base64.b64encode(f.read()).decode()
+        bundle = self._base64("ca.crt")
         objects = [o for o in yaml.safe_load_all(open(manifest)) if o]
         for obj in objects:
             obj["metadata"]["name"] = prefix + obj["metadata"]["name"]
@@ -298,8 +293,7 @@ class ControlPlane:
                     conversion: tuple[str, ...] = ()) -> None:
         """Install a controller's CRDs and webhooks, then start it with `settings` as its configuration file."""
         port = self.ports[f"{name}-webhook"]
-        with open(os.path.join(self.pki, "ca.crt"), "rb") as f:
-            bundle = base64.b64encode(f.read()).decode()
+        bundle = self._base64("ca.crt")
         definitions = []
         for path in crds:
             crd = yaml.safe_load(open(os.path.join(module, path)))
@@ -352,11 +346,7 @@ class ControlPlane:
         if not can_write_kueue_certs():
             raise ComponentFailed("kueue", f"it reads its metrics certificate from {KUEUE_METRICS_CERTS}, which "
                                            "this user cannot write (run as root)")
-        os.makedirs(KUEUE_METRICS_CERTS, exist_ok=True)
-        for ours, theirs in (("webhooks.crt", "tls.crt"), ("webhooks.key", "tls.key")):
-            with open(os.path.join(self.pki, ours), "rb") as src, \
-                    open(os.path.join(KUEUE_METRICS_CERTS, theirs), "wb") as dst:
-                dst.write(src.read())
+        self._serving_pair(KUEUE_METRICS_CERTS)
         self._controller("kueue", module, bases, "config/components/webhook/manifests.yaml", {
             "apiVersion": "config.kueue.x-k8s.io/v1beta2", "kind": "Configuration", "namespace": "kueue-system",
             "manageJobsWithoutQueueName": False,

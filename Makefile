@@ -101,7 +101,7 @@ endif
 endif
 
 .PHONY: install lock train test faults bench data image-data manifests pin-base image gpu-check image-sizes push \
-        submit local tensorboard clean cluster cluster-down cluster-bin
+        submit local tensorboard clean cluster cluster-down cluster-bin cluster-bench
 
 # The local control plane (tests/cluster/): etcd, Kubernetes, KWOK, JobSet and Kueue, each built by `go build`
 # from a wrapper module that pins it; rebuilt only when that module's go.mod or go.sum changes.
@@ -246,6 +246,11 @@ $(CLUSTER_BIN)/.%: tests/cluster/%/go.mod tests/cluster/%/go.sum
 # A real control plane on 127.0.0.1 with simulated GPU nodes (KWOK): export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig.
 cluster: install cluster-bin
 	CLUSTER_DIR=$(CLUSTER_DIR) CLUSTER_BIN=$(CLUSTER_BIN) $(PY) -m tests.cluster.control_plane up
+
+# What the local control plane costs here, into bench/cluster.json and the README: a build from empty Go caches
+# (in a temporary folder; yours stay), then a start and a stop.
+cluster-bench: install
+	$(PY) -m bench.cluster
 
 cluster-down:
 	CLUSTER_DIR=$(CLUSTER_DIR) CLUSTER_BIN=$(CLUSTER_BIN) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tests.cluster.control_plane down

@@ -4,6 +4,7 @@ and the README's blocks rendered from their results."""
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 
@@ -66,3 +67,18 @@ def reference(name: str, *args: str, onednn: bool | None = None) -> str:
     result = subprocess.run(reference_command(name, *args), cwd=ROOT, env=reference_env(onednn), check=True,
                             capture_output=True, text=True)
     return result.stdout.strip().splitlines()[-1]
+
+
+def cpu_model() -> str:
+    """The CPU's model name and its vector extensions that matter to the kernels (this machine's CPU changes)."""
+    flags, name = set(), platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name":
+                    name = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+    extensions = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
+    return f"{name} ({', '.join(extensions) or 'no AVX2'})"

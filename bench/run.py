@@ -19,26 +19,11 @@ set_tensorflow_env()  # TensorFlow loads here as in `python -m trainer`: its C++
 load_tensorflow()
 
 from bench import scaling, sigterm, storage_overhead, throughput, time_to_accuracy  # noqa: E402
-from bench.common import render_block  # noqa: E402
+from bench.common import cpu_model, render_block  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 SUITES = {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "scaling": scaling,
           "storage_overhead": storage_overhead, "sigterm": sigterm}
-
-
-def cpu_model() -> str:
-    """The CPU's model name and its vector extensions that matter to the kernels (this machine's CPU changes)."""
-    flags, name = set(), platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-    extensions = [x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags]
-    return f"{name} ({', '.join(extensions) or 'no AVX2'})"
 
 
 def main() -> int:

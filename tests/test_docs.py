@@ -28,3 +28,12 @@ def test_the_readmes_spot_grace_table_is_rendered_from_bench_results_json():
     # Every preset, measured with the grace `submit --spot` gives the trainer, and each fit in it.
     assert set(measured["presets"]) == set(sigterm.PRESETS) and measured["grace_seconds"] == sigterm.GRACE
     assert all(p["max"] < measured["grace_seconds"] for p in measured["presets"].values())
+
+
+def test_the_readmes_control_plane_figures_are_rendered_from_bench_cluster_json():
+    from bench import cluster
+
+    with open(cluster.RESULTS) as f:
+        measured = json.load(f)
+    assert readme_block(cluster.BEGIN, cluster.END) == cluster.render(measured)
+    assert measured["cold_build_seconds"] > measured["start_seconds"] > 0 and measured["binaries_bytes"] > 0

@@ -137,7 +137,7 @@ train: install
 	$(PY) -m trainer train $(TRAINER_FLAGS) --output-dir $(OUTPUT_DIR) $(if $(RUN),--run $(RUN))
 
 test: install
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(PY) -m pytest -rs -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Fault trials of one run over its whole life (kill -9 / SIGTERM, resume on empty scratch): the README's figure.
 faults: install

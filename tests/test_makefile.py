@@ -161,3 +161,25 @@ def test_the_project_installs_editable_without_a_word(tmp_path):
 def test_image_sizes_with_docker_says_it_needs_buildah_or_podman_before_building():
     line = _one_error_line(_make("image-sizes", "CONTAINER=docker"))
     assert "error: make image-sizes needs buildah or podman" in line
+
+
+def test_make_test_says_why_each_test_skipped_and_under_ci_a_skip_fails_naming_the_test_and_what_was_missing(
+        tmp_path):
+    command = one_line(_make("-n", "test", "PYTEST_ARGS=").stdout).split(" -m pytest ")[1].split()
+    assert "-rs" in command  # pytest's summary then lists every skip with its reason
+    (tmp_path / "test_needs.py").write_text("import pytest\n\n\n"
+                                            "@pytest.mark.skipif(True, reason='needs buildah (apt-get install buildah)')\n"
+                                            "def test_image():\n    pass\n\n\n"
+                                            "def test_plain():\n    pass\n")
+    results = {}
+    for ci in ("", "true"):  # the suite's own conftest.py, as a plugin, on a file of its own
+        results[ci] = subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-rs", "-p",
+                                      "no:cacheprovider", str(tmp_path / "test_needs.py")], cwd=tmp_path,
+                                     capture_output=True, text=True, timeout=300,
+                                     env={**os.environ, "CI": ci, "PYTHONPATH": os.path.join(ROOT, "tests")})
+    user, ci = results[""], results["true"]
+    assert user.returncode == 0 and "1 passed, 1 skipped" in user.stdout, user.stdout[-2000:]
+    assert "SKIPPED [1] test_needs.py:4: needs buildah (apt-get install buildah)" in user.stdout, user.stdout[-2000:]
+    assert ci.returncode == 1 and "1 passed, 1 error" in ci.stdout, ci.stdout[-2000:]  # an error at its set-up
+    assert "test_needs.py::test_image was skipped, which CI=true does not allow: needs buildah (apt-get install " \
+           "buildah)" in ci.stdout, ci.stdout[-2000:]

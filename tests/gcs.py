@@ -10,6 +10,7 @@ import http.server
 import json
 import os
 import random
+import re
 import socket
 import socketserver
 import ssl
@@ -81,9 +82,24 @@ class Request:
     method: str
     host: str
     path: str  # with its query
+    object: str = ""  # the object it names, if any (in its path, its query, or an upload's metadata)
 
     def __str__(self) -> str:
-        return f"{self.method} {self.host}{self.path}"
+        return f"{self.method} {self.host}{self.path}" + (f" ({self.object})" if self.object else "")
+
+
+def object_named(path: str, body: bytes) -> str:
+    """The object a JSON-API request names: `name=` in its query, its path's /o/NAME, or the metadata part of a
+    multipart upload; '' for none."""
+    url = urllib.parse.urlsplit(path)
+    query = urllib.parse.parse_qs(url.query)
+    if "name" in query:
+        return query["name"][0]
+    named = re.search(r"/o/([^/]+)", url.path)
+    if named:
+        return urllib.parse.unquote(named.group(1))
+    metadata = re.search(rb'"name"\s*:\s*"([^"]+)"', body[:65536]) if "uploadType=multipart" in url.query else None
+    return metadata.group(1).decode() if metadata else ""
 
 
 class Proxy:
@@ -152,7 +168,7 @@ class Proxy:
                     fail = rng.random() < failure_rate
                     proxy.failures += fail
                     proxy.body_bytes += 0 if fail else len(body)
-                    proxy.requests.append(Request(self.command, host, path))
+                    proxy.requests.append(Request(self.command, host, path, object_named(path, body)))
                 if fail:
                     self._reply(503)
                     return

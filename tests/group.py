@@ -58,8 +58,9 @@ class Group:
     """W trainer processes of one run, restarted as a group the way the run's JobSet would restart them."""
 
     def __init__(self, workers: int, trainer_args: list[str], scratch: str, env: dict[str, str],
-                 max_restarts: int = 4) -> None:
+                 max_restarts: int = 4, worker_env: dict[int, dict[str, str]] | None = None) -> None:
         self.workers, self.trainer_args, self.scratch, self.env = workers, trainer_args, scratch, env
+        self.worker_env = worker_env or {}  # what one worker's environment adds (e.g. its own proxy)
         # The policy of the JobSet `submit` creates for such a group (the image and bucket do not matter).
         self.jobset = training_objects(JobSpec(run="trial", image="-", output_dir="gs://-", workers=workers,
                                                retries=max_restarts))[0]
@@ -77,7 +78,8 @@ class Group:
         os.makedirs(self.scratch, exist_ok=True)
         self.processes = []
         for index in range(self.workers):
-            env = {**os.environ, **self.pod_env, **self.env, WORKERS_ENV: hosts, INDEX_ENV: str(index)}
+            env = {**os.environ, **self.pod_env, **self.env, **self.worker_env.get(index, {}), WORKERS_ENV: hosts,
+                   INDEX_ENV: str(index)}
             env.pop("TF_CONFIG", None)
             scratch = self._pod_path(attempt, index)
             with open(f"{scratch}.stderr", "w") as stderr:  # a file, not a pipe: nothing can block the worker

@@ -1,18 +1,26 @@
-"""Strategies: TF_CONFIG from the launcher's environment, and two real worker processes on 127.0.0.1."""
+"""Strategies: TF_CONFIG from the launcher's environment, and real worker processes on 127.0.0.1 (one group of two
+restarted as its JobSet would, each worker reaching the store through its own recording proxy)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from google.api_core.exceptions import NotFound
+from google.cloud import storage
 
-from conftest import ROOT, start_trainer
-from gcs import free_port
+from conftest import ROOT, wait_until
+from gcs import Proxy, free_port
+from group import Group
 from trainer.config import ConfigError, RuntimeConfig
 from trainer.cluster import INDEX_ENV, WORKERS_ENV, configure_cluster, tf_config
 from trainer.distribute import lost_workers, make_strategy
@@ -59,30 +67,82 @@ def _variables(prefix: str) -> dict[str, np.ndarray]:
             if not name.startswith("_CHECKPOINTABLE_OBJECT_GRAPH")}
 
 
-def test_two_worker_processes_train_together_and_only_the_chief_writes(tmp_path, data_dir):
-    workers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
-    output = tmp_path / "runs"
-    processes = []
-    for index in range(2):
-        env = {WORKERS_ENV: workers, INDEX_ENV: str(index)}  # the launcher's environment (no TF_CONFIG)
-        args = ["train", "--model", "mlp300", "--epochs", "1", "--batch-size", "200", "--steps-per-loop", "50",
-                "--output-dir", str(output), "--run", "mw", "--data-dir", data_dir,
-                "--scratch-dir", str(tmp_path / f"scratch{index}")]
-        processes.append(start_trainer(*args, env=env))
-    outputs = [p.communicate(timeout=600) for p in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-    metrics = json.loads((output / "mw" / "metrics.json").read_text())
+WRITES = ("POST", "PUT", "PATCH", "DELETE")  # every other request the JSON API takes only reads
+
+
+def test_only_worker_0_writes_the_run_and_holds_its_lease_also_after_the_group_restarts(concurrent_bucket, fake_gcs,
+                                                                                          data_dir, tmp_path):
+    """Two worker processes, each reaching the store through its own recording proxy, so that every request is
+    told apart by worker; worker 1 is killed once a checkpoint is shipped, and the group restarts (as its JobSet
+    would) and finishes. Worker 1 reads the run (to restore it) but never writes or deletes an object of it; a
+    watcher reading the lease all along only ever finds worker 0's process of the attempt under way."""
+    proxies = [Proxy(fake_gcs.port) for _ in range(2)]
+    output, run = f"gs://{concurrent_bucket}/runs", "mw"
+    args = ["--model", "mlp300", "--epochs", "2", "--batch-size", "200", "--steps-per-loop", "25",
+            "--checkpoint-every", "50", "--ship-every", "0.5", "--output-dir", output, "--run", run, "--data-dir",
+            data_dir, "--data-source", "idx", "--peer-timeout", "10", "--startup-timeout", "120",
+            "--grace-seconds", "10", "--lease-seconds", "6"]
+    group = Group(2, args, str(tmp_path / "pods"), env={},
+                  worker_env={i: {"STORAGE_EMULATOR_HOST": proxy.url} for i, proxy in enumerate(proxies)})
+    bucket = storage.Client().bucket(concurrent_bucket)
+    pointer = bucket.blob(f"runs/{run}/checkpoints/checkpoint")
+    pids: dict[int, set[int]] = {0: set(), 1: set()}
+    holders: set[int] = set()
+    restarted: dict[str, int] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for index, process in enumerate(group.processes):
+                pids[index].add(process.pid)
+            try:
+                # A new Blob each time: one that has read an object asks for that generation again.
+                record = json.loads(bucket.blob(f"runs/{run}/lease.json").download_as_bytes())
+                holders.add(int(re.fullmatch(r".* pid (\d+)", record["holder"]).group(1)))
+            except NotFound:
+                pass
+            time.sleep(0.05)
+
+    def kill_worker_1(g: Group) -> None:
+        assert wait_until(lambda: pointer.exists() or len(g.alive()) < 2, 300) and len(g.alive()) == 2
+        g.signal(1, signal.SIGKILL)
+        g.processes[1].wait()
+        restarted["at"] = len(proxies[1].requests)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        final = group.run(timeout=900, first=kill_worker_1)
+    finally:
+        done.set()
+        watcher.join(10)
+        for proxy in proxies:
+            proxy.stop()
+    assert final == "Succeeded" and [a.action for a in group.attempts] == ["RestartJobSet", "Succeeded"], \
+        [(e.index, e.code, e.stderr[-1500:]) for a in group.attempts for e in a.exits]
+    metrics = json.loads(bucket.blob(f"runs/{run}/metrics.json").download_as_bytes())
     assert metrics["strategy"] == "MultiWorkerMirroredStrategy" and metrics["replicas"] == 2
-    assert metrics["steps"] == 300 and metrics["test_accuracy"] > 0.9
-    assert os.listdir(output) == ["mw"]  # worker 1 wrote nothing to the store
-    chief = _variables(str(output / "mw" / "checkpoints" / "ckpt-300"))
-    worker = _variables(str(tmp_path / "scratch1" / "mw" / "checkpoints" / "ckpt-300"))
-    assert chief.keys() == worker.keys()
-    assert chief["optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"].shape == (784, 300)  # weights
-    for name in chief:
-        np.testing.assert_array_equal(chief[name], worker[name], err_msg=name)
-    assert not os.path.exists(tmp_path / "scratch1" / "mw" / "logs" / "train")  # no TensorBoard on workers
+    assert metrics["steps"] == 600 and metrics["resumed_from_step"] > 0 and metrics["test_accuracy"] > 0.9
+    # Told apart by worker: worker 0 wrote the run in both attempts (the lease, checkpoints, metrics), worker 1
+    # read it in both (the second restored the checkpoint) and wrote nothing.
+    chief, worker = proxies[0].requests, proxies[1].requests
+    written = {r.object for r in chief if r.method in WRITES}
+    assert {f"runs/{run}/lease.json", f"runs/{run}/metrics.json", f"runs/{run}/checkpoints/checkpoint"} <= written
+    assert any(r.object.startswith(f"runs/{run}/model/") for r in chief if r.method in WRITES)
+    assert 0 < restarted["at"] < len(worker)
+    assert any(r.object.startswith(f"runs/{run}/checkpoints/ckpt-") for r in worker[restarted["at"]:])
+    assert [str(r) for r in worker if r.method in WRITES] == []
+    # The lease only ever named worker 0 (of either attempt); both attempts' worker 0 held it.
+    assert len(pids[0]) == len(pids[1]) == 2 and holders == pids[0], (pids, holders)
+    # Both workers ended with the same weights; only the chief wrote TensorBoard logs, even in scratch.
+    last = group._pod_path(1, 0), group._pod_path(1, 1)
+    chief_vars, worker_vars = (_variables(os.path.join(p, run, "checkpoints", "ckpt-600")) for p in last)
+    assert chief_vars.keys() == worker_vars.keys()
+    assert chief_vars["optimizer/_trainable_variables/0/.ATTRIBUTES/VARIABLE_VALUE"].shape == (784, 300)  # weights
+    for name in chief_vars:
+        np.testing.assert_array_equal(chief_vars[name], worker_vars[name], err_msg=name)
+    assert os.path.isdir(os.path.join(last[0], run, "logs", "train"))
+    assert not os.path.exists(os.path.join(last[1], run, "logs", "train"))
 
 
 _RELAYED = ('Collective ops is aborted by: x\nAdditional GRPC error information from remote target '

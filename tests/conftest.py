@@ -3,6 +3,7 @@ so MirroredStrategy runs with two replicas on machines without GPUs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -29,10 +30,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # the helpers import each other as tests.X, as bench and `python -m tests.cluster...` do
     sys.path.insert(0, ROOT)
 DOCKERFILE = os.path.join(ROOT, "docker", "Dockerfile")
-# The fault trials' seeds (FAULT_SEED=S or RUN_FAULT_SEED=S repeats a set), drawn once per session: pytest-xdist's
-# workers inherit this environment, and every worker must draw the same parametrized trials.
-for _seed in ("FAULT_SEED", "RUN_FAULT_SEED"):
-    os.environ.setdefault(_seed, str(random.SystemRandom().randrange(10**6)))
+# The fault trials' seeds (FAULT_SEED=S or RUN_FAULT_SEED=S repeats a set), set once per session: pytest-xdist's
+# workers inherit this environment, and every worker must draw the same parametrized trials. The group trials' is
+# drawn at random; the run trials' counts this machine's runs of them (from a random start), so consecutive runs
+# aim them at every moment in turn (test_fault_trials.py).
+FAULT_ROTATION = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mnist-trainer",
+                              "fault-rotation")
+ROTATING = "PYTEST_XDIST_WORKER" not in os.environ and "RUN_FAULT_SEED" not in os.environ
+if ROTATING:
+    try:
+        with open(FAULT_ROTATION) as _counter:
+            os.environ["RUN_FAULT_SEED"] = str(int(_counter.read()))
+    except (OSError, ValueError):
+        os.environ["RUN_FAULT_SEED"] = str(random.SystemRandom().randrange(10**6))
+os.environ.setdefault("FAULT_SEED", str(random.SystemRandom().randrange(10**6)))
 # Every skip here is for something this machine lacks (root, buildah, debootstrap, podman, skopeo, the offline
 # Fashion-MNIST copy, disk space, Go, the local control plane). A user's run skips and says why (make test: -rs);
 # a CI run (CI=true, as CI services set it) that lacks one has not tested what it skipped, so the skip fails it.
@@ -48,6 +59,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
         report.outcome = "failed"
         report.longrepr = f"{item.nodeid} was skipped, which CI=true does not allow: {reason.removeprefix('Skipped: ')}"
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the fault trials' seed (and what it aimed at) and, where it was rotating, count the run."""
+    lines = list(dict.fromkeys(value for reports in terminalreporter.stats.values() for report in reports
+                               for name, value in getattr(report, "user_properties", []) if name == "fault trials"))
+    for line in lines:
+        terminalreporter.write_line(f"fault trials: {line}")
+    if lines and ROTATING:
+        try:
+            os.makedirs(os.path.dirname(FAULT_ROTATION), exist_ok=True)
+            with open(FAULT_ROTATION, "w") as counter:
+                counter.write(f"{int(os.environ['RUN_FAULT_SEED']) + 1}\n")
+        except OSError:
+            pass  # a read-only home: the next run draws a new start
 
 
 @pytest.fixture(scope="session")
@@ -144,7 +170,9 @@ def _new_bucket(request) -> str:
     """A new, empty bucket named after the test, on the server STORAGE_EMULATOR_HOST names; its name."""
     from google.cloud import storage
 
-    name = "test-" + "".join(c if c.isalnum() else "-" for c in request.node.name.lower())[:50].strip("-")
+    words = "".join(c if c.isalnum() else "-" for c in request.node.name.lower())
+    # Bucket names end at 63 characters; parametrized tests differ at the end of their names.
+    name = f"test-{words[:40].strip('-')}-{hashlib.sha1(words.encode()).hexdigest()[:8]}"
     storage.Client().create_bucket(name)
     return name
 

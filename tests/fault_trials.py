@@ -3,11 +3,15 @@ empty scratch, the same TRAINER_JOB), killed with SIGKILL or stopped with SIGTER
 whole life, until an attempt finishes. A watcher checks the bucket invariant (bucket_invariant.observe) all the
 while; at the end the exported model is evaluated and must score what metrics.json says.
 
-Moments, by what the attempt shows when the signal is sent (its stderr is a log file, a line every chunk):
-start-up (nothing trained yet, nothing to restore), restore (the same, resuming a checkpoint: lease, restore,
-TensorFlow start), mid-training, checkpoint shipping (a checkpoint saved in scratch that the store's pointer
-does not name yet), final evaluation (after the last step's line), export (after the last epoch's line),
-final flush (metrics.json written in scratch)."""
+The attempt is frozen (SIGSTOP) before it is signalled, and its moment read from what it shows then: start-up
+(nothing else yet), data (an IDX file of the data open), restore (the same as start-up, resuming a checkpoint:
+lease, restore, TensorFlow start), mid-training (a step line), checkpoint shipping (a checkpoint saved in
+scratch that the store's pointer does not name yet), final evaluation (after the last step's line), export
+(after the last epoch's line, the model not yet in scratch), final flush (metrics.json written in scratch). The
+exit code that moment calls for (`expected_exit`) is then exact: a SIGTERM stops the run with 75 at every
+moment but the final flush, where the run is complete and exits 0, and before the entry point has taken the
+signal (its handler, read from /proc while frozen), where the signal's own 143 ends a process that wrote
+nothing."""
 
 from __future__ import annotations
 
@@ -25,13 +29,13 @@ import time
 from typing import Any
 
 from bucket_invariant import observe
-from conftest import ROOT, checkpoint_steps
+from conftest import ROOT, catches_sigterm, checkpoint_steps
 from trainer.config import EXIT_INTERRUPTED
 from trainer.lease import LEASE
-from trainer.run_dir import METRICS, POINTER, parse_pointer, checkpoint_step
+from trainer.run_dir import METRICS, MODEL, MODEL_MARKERS, POINTER, parse_pointer, checkpoint_step
 from trainer.storage import GCSStore
 
-MOMENTS = ("start-up", "restore", "mid-training", "checkpoint shipping", "final evaluation", "export",
+MOMENTS = ("start-up", "data", "restore", "mid-training", "checkpoint shipping", "final evaluation", "export",
            "final flush")
 EPOCHS, BATCH, TOTAL = 2, 100, 1200  # mlp300: 600 steps an epoch at batch 100
 CHECKPOINT_EVERY = 100
@@ -39,8 +43,18 @@ GRACE = 10.0
 LEASE_SECONDS = 3.0
 FAULTS_PER_TRIAL = 3
 # After a moment's first sign, the signal comes within this many seconds (uniformly at random).
-DELAYS = {"start-up": 3.0, "restore": 3.0, "mid-training": 1.0, "checkpoint shipping": 0.05,
+DELAYS = {"start-up": 3.0, "data": 0.0, "restore": 3.0, "mid-training": 1.0, "checkpoint shipping": 0.05,
           "final evaluation": 0.3, "export": 0.3, "final flush": 0.05}
+KILLED, TERMINATED = 128 + signal.SIGKILL, 128 + signal.SIGTERM
+
+
+def expected_exit(kind: str, moment: str, handler: bool) -> int:
+    """The exit code a signal of `kind` calls for at `moment`; `handler`: the trainer had taken SIGTERM."""
+    if kind == "kill":
+        return KILLED
+    if not handler:
+        return TERMINATED  # the entry point had not run: nothing was written, and nothing is lost
+    return 0 if moment == "final flush" else EXIT_INTERRUPTED
 
 
 @dataclasses.dataclass
@@ -48,14 +62,13 @@ class Fault:
     """One signal sent to one attempt."""
 
     target: str  # the moment aimed at
-    moment: str  # the moment it came in (what the attempt showed)
+    moment: str  # the moment it came in (what the frozen attempt showed)
     kind: str  # "kill" (SIGKILL) or "sigterm"
+    handler: bool  # the trainer had taken SIGTERM (its entry point had run)
     reached: int  # the last step the attempt had trained
     code: int  # how the attempt ended
+    expected: int  # how that moment calls for it to end
     resumed: int = 0  # the step the next attempt went on from
-    # SIGTERM before the trainer's first line ran (the interpreter's own start, 20-50 ms): the signal's own exit,
-    # 143; the attempt had printed and written nothing (on Kubernetes a preemption's DisruptionTarget is not counted).
-    too_early: bool = False
 
     @property
     def lost(self) -> int:
@@ -77,16 +90,24 @@ class Trial:
     problems: list[str]
 
 
-class _Attempt:
+def trainer_args(output_dir: str, run: str, data_dir: str) -> list[str]:
+    """The trials' run: mlp300 for EPOCHS epochs, checkpointed, shipped and logged often."""
+    return ["--model", "mlp300", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--steps-per-loop", "20",
+            "--checkpoint-every", str(CHECKPOINT_EVERY), "--ship-every", "0.5", "--log-every", "0.1",
+            "--grace-seconds", str(GRACE), "--lease-seconds", str(LEASE_SECONDS),
+            "--output-dir", output_dir, "--run", run, "--data-dir", data_dir, "--data-source", "idx"]
+
+
+class Attempt:
     """One trainer process of the run, its stderr in a file, its scratch folder its own."""
 
-    def __init__(self, args: list[str], scratch: str, env: dict[str, str], run: str) -> None:
+    def __init__(self, args: list[str], scratch: str, env: dict[str, str], run: str, data_dir: str) -> None:
         self.folder = os.path.join(scratch, run)  # the run's scratch copy
+        self.data = os.path.join(os.path.realpath(data_dir), "")
         self.log = f"{scratch}.stderr"
         with open(self.log, "w") as stderr:
             self.process = subprocess.Popen([sys.executable, "-m", "trainer", "train", *args, "--scratch-dir",
                                              scratch], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
-        self.started = time.monotonic()
 
     def stderr(self) -> str:
         with open(self.log) as f:
@@ -99,6 +120,41 @@ class _Attempt:
         except FileNotFoundError:
             return []
 
+    def reading_data(self) -> bool:
+        """True while the process has a file of the data folder open."""
+        fds = f"/proc/{self.process.pid}/fd"
+        try:
+            names = os.listdir(fds)
+        except OSError:
+            return False
+        for name in names:
+            try:
+                if os.readlink(os.path.join(fds, name)).startswith(self.data):
+                    return True
+            except OSError:
+                pass
+        return False
+
+    def exported(self) -> bool:
+        """True once the model is exported in scratch (the export writes beside it and swaps it in)."""
+        return all(os.path.exists(os.path.join(self.folder, MODEL, m)) for m in MODEL_MARKERS)
+
+    def freeze(self) -> bool:
+        """SIGSTOP the process and wait until it is stopped; False if it had ended."""
+        try:
+            self.process.send_signal(signal.SIGSTOP)
+            while True:
+                with open(f"/proc/{self.process.pid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                if state in "TZX":
+                    return state == "T"
+                time.sleep(0.0005)
+        except (OSError, ProcessLookupError):
+            return False
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
 
 def _reached(stderr: str, start: int) -> int:
     steps = [int(s) for s in re.findall(rf"^step (\d+)/{TOTAL} ", stderr, re.M)]
@@ -106,28 +162,33 @@ def _reached(stderr: str, start: int) -> int:
     return max([start, *steps, *(int(s) for s in stopped)])
 
 
-def _moment(attempt: _Attempt, store: GCSStore, had_checkpoint: bool) -> str:
-    """The moment the attempt is in now, by what it shows."""
+def moment(attempt: Attempt, store: GCSStore, restored: int) -> str | None:
+    """The moment the frozen attempt is in, by what it shows; None between the export's end and metrics.json
+    (the final check for SIGTERM may be behind it or not: no exit code is called for there)."""
     stderr = attempt.stderr()
     if os.path.exists(os.path.join(attempt.folder, METRICS)):
         return "final flush"
     if re.search(rf"^epoch {EPOCHS}/{EPOCHS}: ", stderr, re.M):
-        return "export"
+        return None if attempt.exported() else "export"
     if re.search(rf"^step {TOTAL}/{TOTAL} ", stderr, re.M):
         return "final evaluation"
     saved = attempt.checkpoints()
-    if saved and saved[-1] > _shipped_step(store):
+    if saved and saved[-1] > shipped_step(store):
         return "checkpoint shipping"
     if re.search(rf"^step \d+/{TOTAL} ", stderr, re.M):
         return "mid-training"
-    return "restore" if had_checkpoint else "start-up"
+    if attempt.reading_data():
+        return "data"
+    return "restore" if restored else "start-up"
 
 
-def _entered(target: str, attempt: _Attempt, restored: int) -> bool:
+def entered(target: str, attempt: Attempt, restored: int) -> bool:
     """True once the attempt shows the first sign of the `target` moment."""
     stderr = attempt.stderr()
     if target in ("start-up", "restore"):
         return True
+    if target == "data":
+        return attempt.reading_data()
     if target == "mid-training":
         return re.search(rf"^step \d+/{TOTAL} ", stderr, re.M) is not None
     if target == "checkpoint shipping":
@@ -139,33 +200,32 @@ def _entered(target: str, attempt: _Attempt, restored: int) -> bool:
     return os.path.exists(os.path.join(attempt.folder, METRICS))
 
 
-def _finished(store: GCSStore) -> bool:
+def finished(store: GCSStore) -> bool:
+    """True once the store holds the finished run's metrics."""
     return json.loads(store.read(METRICS) or b"{}").get("steps") == TOTAL
 
 
-def _shipped_step(store: GCSStore) -> int:
+def shipped_step(store: GCSStore) -> int:
     """The step a new attempt resumes from: the store's latest checkpoint (all of them, once finished)."""
-    if _finished(store):
+    if finished(store):
         return TOTAL
     pointer = store.read(POINTER)
     return checkpoint_step(parse_pointer(pointer)[0]) if pointer else 0
 
 
-def _possible(restored: int) -> list[str]:
+def possible(restored: int) -> list[str]:
     """The moments an attempt that resumes from step `restored` goes through."""
     if restored >= TOTAL:  # fully trained: restored, evaluated and exported, no training (and no step lines)
-        return ["restore", "export", "final flush"]
+        return ["data", "restore", "export", "final flush"]
     return [m for m in MOMENTS if m != ("start-up" if restored else "restore")]
 
 
 def run_trial(number: int, bucket: str, data_dir: str, workdir: str, rng: random.Random,
-              covered: dict[str, int]) -> Trial:
-    """One run with FAULTS_PER_TRIAL faults at the least covered moments it can still reach, then to the end."""
+              covered: dict[str, int], required: str | None = None) -> Trial:
+    """One run with FAULTS_PER_TRIAL faults at the least covered moments it can still reach (the first at
+    `required`, until it is hit), then to the end."""
     run, url = f"t{number}", f"gs://{bucket}/trials/t{number}"
-    args = ["--model", "mlp300", "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--steps-per-loop", "20",
-            "--checkpoint-every", str(CHECKPOINT_EVERY), "--ship-every", "0.5", "--log-every", "0.1",
-            "--grace-seconds", str(GRACE), "--lease-seconds", str(LEASE_SECONDS),
-            "--output-dir", f"gs://{bucket}/trials", "--run", run, "--data-dir", data_dir, "--data-source", "idx"]
+    args = trainer_args(f"gs://{bucket}/trials", run, data_dir)
     env = {**os.environ, "TRAINER_JOB": f"trials/{run}"}
     store = GCSStore(url)
     observations, violations, stop = [], [], threading.Event()
@@ -186,23 +246,30 @@ def run_trial(number: int, bucket: str, data_dir: str, workdir: str, rng: random
     try:
         while True:
             attempts += 1
-            restored = _shipped_step(store)
+            restored = shipped_step(store)
             if faults:
                 faults[-1].resumed = restored
-                if _finished(store):
+                if finished(store):
                     break  # the faulted attempt had finished the run
-            attempt = _Attempt(args, os.path.join(workdir, f"{run}-attempt{attempts}"), env, run)
-            if len(faults) < FAULTS_PER_TRIAL and attempts <= 2 * FAULTS_PER_TRIAL:
-                options = _possible(restored)
-                least = min(covered.get(m, 0) for m in options)
-                target = rng.choice([m for m in options if covered.get(m, 0) == least])
-                fault = _inject(attempt, target, rng, store, restored)
+            attempt = Attempt(args, os.path.join(workdir, f"{run}-attempt{attempts}"), env, run, data_dir)
+            missing = required is not None and all(f.moment != required for f in faults)
+            if (len(faults) < FAULTS_PER_TRIAL or missing) and attempts <= 2 * FAULTS_PER_TRIAL + 2:
+                options = possible(restored)
+                if missing:  # a restore needs a checkpoint in the store: by the final evaluation there is one
+                    target = required if required in options else "final evaluation"
+                else:
+                    least = min(covered.get(m, 0) for m in options)
+                    target = rng.choice([m for m in options if covered.get(m, 0) == least])
+                # Aimed at its required moment, the signal comes at its first sign (some moments are short).
+                delay = 0.0 if missing else rng.uniform(0.0, DELAYS[target])
+                fault = inject(attempt, target, rng.choice(("kill", "sigterm")), delay, store, restored)
                 if fault is not None:
                     faults.append(fault)
                     covered[fault.moment] = covered.get(fault.moment, 0) + 1
-                    if fault.code not in (EXIT_INTERRUPTED, 0, 128 + signal.SIGKILL) and not fault.too_early:
-                        problems.append(f"attempt {attempts}: {fault.kind} at {fault.moment} ended with exit "
-                                        f"{fault.code}: {attempt.stderr()[-1500:]}")
+                    if fault.code != fault.expected:
+                        problems.append(f"attempt {attempts}: {fault.kind} at {fault.moment} (SIGTERM handler "
+                                        f"{'taken' if fault.handler else 'not yet taken'}) ended with exit "
+                                        f"{fault.code}, not {fault.expected}: {attempt.stderr()[-1500:]}")
                     continue
             code = attempt.process.wait(600)
             if code != 0:
@@ -212,30 +279,43 @@ def run_trial(number: int, bucket: str, data_dir: str, workdir: str, rng: random
     finally:
         stop.set()
         watcher.join(60)
-    metrics = json.loads(store.read(METRICS) or b"{}")
-    finished = _finished(store)
-    evaluated = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--output-dir",
-                                f"gs://{bucket}/trials", "--run", run, "--data-dir", data_dir], cwd=ROOT,
-                               capture_output=True, text=True, timeout=300)
-    as_recorded = evaluated.returncode == 0 and finished and \
-        abs(json.loads(evaluated.stdout)["test_accuracy"] - metrics["test_accuracy"]) < 1e-6
-    return Trial(number, faults, attempts, finished, as_recorded, observations.count("checked"), violations,
-                 problems)
+    return Trial(number, faults, attempts, finished(store), evaluates_as_recorded(url, data_dir),
+                 observations.count("checked"), violations, problems)
 
 
-def _inject(attempt: _Attempt, target: str, rng: random.Random, store: GCSStore, restored: int) -> Fault | None:
-    """Signal the attempt soon after it shows `target`; None if it ended first without finishing the fault."""
-    while not _entered(target, attempt, restored):
-        if attempt.process.poll() is not None:
+def evaluates_as_recorded(url: str, data_dir: str) -> bool:
+    """True if the store at `url` holds a finished run whose exported model loads and scores what its
+    metrics.json says."""
+    store = GCSStore(url)
+    if not finished(store):
+        return False
+    output_dir, run = url.rsplit("/", 1)
+    evaluated = subprocess.run([sys.executable, "-m", "trainer", "evaluate", "--output-dir", output_dir, "--run", run,
+                                "--data-dir", data_dir], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    recorded = json.loads(store.read(METRICS))["test_accuracy"]
+    return evaluated.returncode == 0 and abs(json.loads(evaluated.stdout)["test_accuracy"] - recorded) < 1e-6
+
+
+def inject(attempt: Attempt, target: str, kind: str, delay: float, store: GCSStore, restored: int) -> Fault | None:
+    """Freeze the attempt `delay` seconds after it shows `target`, read its moment, send the signal (`kind`) and
+    let it go on; how it ended. None if it ended first."""
+    while True:
+        while not entered(target, attempt, restored):
+            if attempt.process.poll() is not None:
+                return None  # it ended (finished, or failed: the caller reports that)
+            time.sleep(0.001)
+        time.sleep(delay)
+        if not attempt.freeze():
+            return None
+        now = moment(attempt, store, restored)
+        if now is not None:
             break
-        time.sleep(0.01)
-    time.sleep(rng.uniform(0.0, DELAYS[target]))
-    kind = rng.choice(("kill", "sigterm"))
-    if attempt.process.poll() is not None:
-        return None  # it ended (finished, or failed: the caller reports that)
-    moment = _moment(attempt, store, restored > 0)
-    untouched = not attempt.stderr() and f"pid {attempt.process.pid}\"" not in (store.read(LEASE) or b"").decode()
+        attempt.thaw()  # between the export and metrics.json: wait for the final flush
+        target, delay = "final flush", 0.0
+    handler = catches_sigterm(attempt.process.pid)
+    wrote = bool(attempt.stderr()) or f"pid {attempt.process.pid}\"" in (store.read(LEASE) or b"").decode()
     attempt.process.send_signal(signal.SIGKILL if kind == "kill" else signal.SIGTERM)
+    attempt.thaw()
     signalled = time.monotonic()
     try:
         code = attempt.process.wait(GRACE + 15)
@@ -243,11 +323,12 @@ def _inject(attempt: _Attempt, target: str, rng: random.Random, store: GCSStore,
         attempt.process.kill()
         code = attempt.process.wait()
     code = code if code >= 0 else 128 - code
-    fault = Fault(target, moment, kind, _reached(attempt.stderr(), restored), code)
-    fault.too_early = kind == "sigterm" and code == 128 + signal.SIGTERM and untouched and not attempt.stderr()
     if kind == "sigterm" and time.monotonic() - signalled > GRACE + 2:
-        fault.code = -1  # not within the grace period: reported as a problem
-    return fault
+        code = -1  # not within the grace period: reported as a problem
+    if code == TERMINATED and wrote:
+        code = -2  # ended by the signal itself after its entry point had written something: a problem
+    return Fault(target, now, kind, handler, _reached(attempt.stderr(), restored), code,
+                 expected_exit(kind, now, handler))
 
 
 def figure(trials: list[Trial]) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -15,7 +16,9 @@ from PIL import Image
 
 from conftest import (ROOT, catches_sigterm, checkpoint_steps, error_lines, image_entrypoint, run_cli, start_trainer,
                       wait_until)
-from trainer.config import EXIT_NO_GPU, config_from_args
+from fault_trials import MOMENTS, Attempt, evaluates_as_recorded, inject, shipped_step, trainer_args
+from trainer.config import EXIT_INTERRUPTED, EXIT_NO_GPU, config_from_args
+from trainer.storage import GCSStore
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["evaluate"], ["predict"], ["analyze"], ["data"]])
@@ -288,38 +291,47 @@ def _small_run(data_dir: str) -> list[str]:
             "--grace-seconds", "10"]
 
 
-@pytest.fixture(scope="module")
-def small_run_seconds(tmp_path_factory, data_dir) -> float:
-    """How long the small run takes from process start to exit, uninterrupted."""
-    started = time.monotonic()
-    assert run_cli(*_small_run(data_dir), "--output-dir", str(tmp_path_factory.mktemp("timing")),
-                   "--run", "r").returncode == 0
-    return time.monotonic() - started
+@pytest.mark.parametrize("target", MOMENTS)
+def test_sigterm_at_each_moment_ends_the_run_with_its_exit_code_and_0_only_with_the_run_complete(
+        target, concurrent_bucket, data_dir, tmp_path):
+    """SIGTERM to a run in a bucket (fake-gcs-server: the attempt is frozen, maybe half-way through a request,
+    while the test reads the store), at each moment of its life, once the trainer has taken the signal
+    (before that, see the two tests above), the process frozen to read which moment it is in (fault_trials): 75
+    within the grace at every moment but the final flush, with the store holding what its one line says it saved
+    and not marked finished; 0 at the final flush, the store holding a run whose model evaluates as its
+    metrics.json says."""
+    output, run = f"gs://{concurrent_bucket}/runs", "r"
+    url, args = f"{output}/{run}", trainer_args(output, run, data_dir)
+    env, store, attempts = {**os.environ, "TRAINER_JOB": f"runs/{run}"}, GCSStore(f"{output}/{run}"), []
 
+    def attempt() -> Attempt:
+        attempts.append(Attempt(args, str(tmp_path / f"attempt{len(attempts)}"), env, run, data_dir))
+        return attempts[-1]
 
-@pytest.mark.parametrize("fraction", [0.02, 0.3, 0.6, 0.85, 0.93, 0.98])
-def test_sigterm_at_any_moment_exits_75_within_the_grace_and_a_rerun_completes(tmp_path, data_dir, fraction,
-                                                                               small_run_seconds):
-    """SIGTERM at a point of a run's life (from start-up through training to the final evaluation, export and
-    metrics), as a fraction of its uninterrupted duration; at the earliest once the trainer has taken the signal
-    (the interpreter's own start comes before: see the two tests below)."""
-    args, duration = _small_run(data_dir), small_run_seconds
-    output = ["--output-dir", str(tmp_path / "runs"), "--run", "r"]
-    started = time.monotonic()
-    process = start_trainer(*args, *output)
-    assert wait_until(lambda: catches_sigterm(process.pid), timeout=30, process=process, interval=0.005)
-    time.sleep(max(0.0, started + fraction * duration - time.monotonic()))
-    signalled = time.monotonic()
-    process.send_signal(signal.SIGTERM)
-    _, stderr = process.communicate(timeout=120)
-    assert time.monotonic() - signalled < 10 + 3, stderr[-2000:]  # the grace, and the moment to notice it
-    if process.returncode == 0:  # it had finished
-        assert (tmp_path / "runs" / "r" / "metrics.json").exists()
+    if target == "restore":  # something to restore: an earlier attempt stopped mid-training
+        assert inject(attempt(), "mid-training", "sigterm", 0.5, store, 0).code == EXIT_INTERRUPTED
+    for _ in range(3):  # a moment this busy machine let pass is aimed at again in a new attempt
+        restored, current = shipped_step(store), attempt()
+        if target in ("start-up", "restore"):  # from the entry point's first line
+            assert wait_until(lambda: catches_sigterm(current.process.pid), 30, current.process, interval=0.001)
+        fault = inject(current, target, "sigterm", 0.0, store, restored)
+        assert fault is not None, current.stderr()[-2000:]
+        if fault.moment == target:
+            break
+    assert fault.moment == target and fault.handler, dataclasses.asdict(fault)
+    stderr = current.stderr()
+    assert fault.code == fault.expected == (0 if target == "final flush" else EXIT_INTERRUPTED), \
+        (dataclasses.asdict(fault), stderr[-2000:])
+    if fault.code == 0:
+        assert error_lines(stderr) == [], stderr[-2000:]
+        assert evaluates_as_recorded(url, data_dir)
+        return
+    assert "Traceback" not in stderr and len(error_lines(stderr)) == 1, stderr[-2000:]
+    line = error_lines(stderr)[0]
+    assert store.read("metrics.json") is None  # not marked finished
+    if line.endswith("before training; nothing to save; safe to retry"):
+        assert target in ("start-up", "data", "restore") and shipped_step(store) == restored, line
     else:
-        assert process.returncode == 75, stderr[-2000:]
-        assert "Traceback" not in stderr and len(error_lines(stderr)) == 1, stderr[-2000:]
-        assert error_lines(stderr)[0].startswith("error: interrupted by SIGTERM")
-    result = run_cli(*args, *output)
-    assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads((tmp_path / "runs" / "r" / "metrics.json").read_text())
-    assert metrics["steps"] == 600 and metrics["test_accuracy"] > 0.9
+        step = int(re.fullmatch(rf"error: interrupted by SIGTERM at step (\d+); checkpoint shipped to {url}; safe to "
+                                "retry", line).group(1))
+        assert shipped_step(store) == step > restored, line

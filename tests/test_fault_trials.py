@@ -1,15 +1,17 @@
 """Fault trials over a run's whole life (tests/fault_trials.py): two here, whose first faults aim at two moments
 that rotate with the seed, so that consecutive runs of the suite come to every moment (the seed counts this
-machine's runs: see conftest.py; it is printed at the end). `make faults` runs 20 and writes the figure the README
-quotes. RUN_FAULT_TRIALS=N sets the number, RUN_FAULT_SEED=S repeats a set, FAULT_FIGURE=PATH writes the figure
+machine's runs: see conftest.py; it is printed at the end). `make faults` runs 20 and writes the figure the docs
+show. RUN_FAULT_TRIALS=N sets the number, RUN_FAULT_SEED=S repeats a set, FAULT_FIGURE=PATH writes the figure
 as JSON."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
 
+from bench.common import cpu_model
 from fault_trials import CHECKPOINT_EVERY, MOMENTS, figure, run_trial
 
 TRIALS = int(os.environ.get("RUN_FAULT_TRIALS", "2"))
@@ -30,7 +32,7 @@ def test_a_run_survives_kill_9_and_sigterm_at_the_moments_its_seed_picks_and_eve
                                     f"{' and more' if TRIALS > 2 else ''} (RUN_FAULT_SEED={SEED} repeats them)")
     trials = [run_trial(n, bucket, data_dir, str(tmp_path), rng, covered, required[n]) for n in range(TRIALS)]
     result = figure(trials)
-    result["seed"] = SEED
+    result |= {"seed": SEED, "date": datetime.date.today().isoformat(), "cpu": cpu_model()}  # docs/reliability.md
     if os.environ.get("FAULT_FIGURE"):
         with open(os.environ["FAULT_FIGURE"], "w") as f:
             json.dump(result, f, indent=1)

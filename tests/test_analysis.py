@@ -96,9 +96,12 @@ def test_analysis_images_and_the_confusion_table_are_in_tensorboard(cnn_analysis
     folder, metrics, _, _ = cnn_analysis
     events = EventAccumulator(folder.path("logs", "analysis"))
     events.Reload()
-    assert set(COMMON + ["feature_maps", "confusion_table"]) <= set(events.Tags()["tensors"])
-    assert set(events.PluginTagToContent("text")) == {"confusion_table"}
-    table = tf.make_ndarray(events.Tensors("confusion_table")[0].tensor_proto).item().decode()
+    # One `analysis/` group, at the step of the checkpoint analysed (not 0, which reads as the untrained model).
+    tags = {f"analysis/{name}" for name in COMMON + ["feature_maps", "confusion_table"]}
+    assert tags <= set(events.Tags()["tensors"])
+    assert set(events.PluginTagToContent("text")) == {"analysis/confusion_table"}
+    assert {event.step for tag in tags for event in events.Tensors(tag)} == {metrics["steps"]}
+    table = tf.make_ndarray(events.Tensors("analysis/confusion_table")[0].tensor_proto).item().decode()
     assert f"Test accuracy **{metrics['test_accuracy']:.2%}**" in table
     row = metrics["confusion_matrix"][3]  # true 3, every count in its row
     assert f"| **3** | {' | '.join(map(str, row))} | " in table

@@ -335,3 +335,16 @@ def test_sigterm_at_each_moment_ends_the_run_with_its_exit_code_and_0_only_with_
         step = int(re.fullmatch(rf"error: interrupted by SIGTERM at step (\d+); checkpoint shipped to {url}; safe to "
                                 "retry", line).group(1))
         assert shipped_step(store) == step > restored, line
+
+
+@pytest.mark.parametrize("command", [["trainer", c] for c in ("train", "evaluate", "predict", "analyze", "data", "gpus")]
+                         + [["trainer.launch", c] for c in ("submit", "status", "wait", "logs", "tensorboard")])
+def test_every_commands_help_fits_a_screen_and_train_groups_its_flags(command):
+    result = subprocess.run([sys.executable, "-m", *command, "--help"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "COLUMNS": "100"}, timeout=60)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) <= 65, result.stdout
+    if command == ["trainer", "train"]:
+        groups = re.findall(r"^([a-z]+):$", result.stdout, re.M)
+        assert groups == ["options", "data", "model", "training", "storage", "cluster", "logging"], groups
+        assert result.stdout.split("\noptions:\n")[1].split("\n\n")[0].split() == ["-h,", "--help", "show", "this",
+                                                                                  "help", "message", "and", "exit"]

@@ -72,3 +72,13 @@ def test_every_preset_has_a_model():
     from trainer.models import MODELS
 
     assert set(PRESETS) == set(MODELS)
+
+
+def test_every_config_field_is_in_exactly_one_help_group():
+    import dataclasses
+
+    from trainer.config import FLAG_GROUPS, SECTION_CLASSES
+
+    grouped = [name for names in FLAG_GROUPS.values() for name in names]
+    fields = [f.name for section in SECTION_CLASSES.values() for f in dataclasses.fields(section)]
+    assert sorted(grouped) == sorted(fields)

@@ -152,7 +152,7 @@ def test_predict_takes_folders_and_globs_detects_polarity_and_reports_each_bad_f
     paper = {int(os.path.basename(r[0])[:-4]): r for r in rows if "/paper/" in r[0]}
     assert sorted(plain) == sorted(paper) == list(range(10))
     assert sum(int(plain[i][1]) == labels[i] for i in range(10)) >= 9
-    assert all(plain[i][3] == "" for i in range(10))  # nothing converted
+    assert all(plain[i][3] == "none" for i in range(10))  # nothing converted
     assert sum(int(paper[i][1]) == labels[i] for i in range(10)) >= 9  # without the inversion: 2 of 5 wrong
     assert all(paper[i][3] == "colour -> grey, inverted (dark digit on light background), resized 84x84 -> 28x28"
                for i in range(10))
@@ -230,3 +230,17 @@ def test_a_short_convnet_bn_run_infers_with_settled_batch_norm_statistics(tmp_pa
     training_accuracy = results[-1][1] / (chunks[-1] * 64)  # the last chunk's
     test_accuracy = learner.evaluate()["test_accuracy"]
     assert training_accuracy > 0.9 and test_accuracy > training_accuracy - 0.05, (training_accuracy, test_accuracy)
+
+
+def test_an_opaque_alpha_channel_is_no_conversion_and_a_probability_never_rounds_up_to_certainty(tmp_path, mnist):
+    from trainer.export import percent, read_image
+
+    digit = mnist["test"].images[0, :, :, 0]
+    for alpha, noted in ((255, False), (128, True)):
+        path = tmp_path / f"alpha{alpha}.png"
+        Image.fromarray(np.dstack([digit] * 3 + [np.full_like(digit, alpha)]), "RGBA").save(path)
+        pixels, notes = read_image(str(path))
+        assert ("transparency on white" in notes) == noted and "colour -> grey" in notes, notes
+        if not noted:
+            np.testing.assert_array_equal(pixels[..., 0], digit)
+    assert [percent(p) for p in (0.5, 0.99989, 0.99995, 1.0)] == ["50.00%", "99.99%", "> 99.99%", "> 99.99%"]

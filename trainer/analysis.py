@@ -24,8 +24,9 @@ import tensorflow as tf  # noqa: E402
 from trainer.config import Config, ConfigError  # noqa: E402
 from trainer.datasets import IMAGE_SHAPE, NUM_CLASSES, Split, load_split  # noqa: E402
 from trainer.evaluate import EVAL_BATCH, summarize  # noqa: E402
+from trainer.export import percent  # noqa: E402
 from trainer.models import build_model  # noqa: E402
-from trainer.run_dir import ANALYSIS, LOGS, RunFolder, to_json  # noqa: E402
+from trainer.run_dir import ANALYSIS, LOGS, RunFolder, checkpoint_step, to_json  # noqa: E402
 
 # What analyze() writes (and the order of summary.json); the reader's results the run folder publishes.
 OUTPUTS = (ANALYSIS, f"{LOGS}/{ANALYSIS}")
@@ -43,6 +44,7 @@ class Inputs:
     train: Split
     test: Split
     probabilities: np.ndarray  # [test examples, 10]
+    step: int  # the training step of the checkpoint the model was restored from
 
 
 def load_inputs(folder: RunFolder, config: Config) -> Inputs:
@@ -54,8 +56,8 @@ def load_inputs(folder: RunFolder, config: Config) -> Inputs:
     tf.train.Checkpoint(model=model).restore(latest).expect_partial()
     test = load_split(config.data, "test")
     logits = model.predict(test.images, batch_size=EVAL_BATCH, verbose=0)
-    return Inputs(config, model, load_split(config.data, "train"), test,
-                  tf.nn.softmax(logits).numpy())
+    return Inputs(config, model, load_split(config.data, "train"), test, tf.nn.softmax(logits).numpy(),
+                  checkpoint_step(os.path.basename(latest)))
 
 
 def _save(fig: plt.Figure, path: str) -> None:
@@ -73,11 +75,6 @@ def _grid(fig: plt.Figure, spec: Any, images: np.ndarray, titles: list[str], tit
     fig.text(0.27 if "random" in title else 0.73, 0.98, title, ha="center", fontsize=12)
 
 
-def _confidence(probability: float) -> str:
-    """A probability as a percentage that never rounds up to a certainty it is not."""
-    return f"{probability:.2%}" if probability < 0.9999 else "> 99.99%"
-
-
 def predictions(inputs: Inputs, path: str, seed: int = 0) -> dict[str, Any]:
     """3x3 random test images and the 3x3 most confidently wrong ones, titled predicted / true."""
     predicted = inputs.probabilities.argmax(axis=1)
@@ -90,7 +87,7 @@ def predictions(inputs: Inputs, path: str, seed: int = 0) -> dict[str, Any]:
     for spec, ids, title in ((outer[0], random_ids, "9 random test images"),
                              (outer[1], worst, "most confidently wrong")):
         _grid(fig, spec, inputs.test.images[ids],
-              [f"pred {predicted[i]} ({_confidence(confidence[i])})\ntrue {inputs.test.labels[i]}" for i in ids], title)
+              [f"pred {predicted[i]} ({percent(confidence[i])})\ntrue {inputs.test.labels[i]}" for i in ids], title)
     _save(fig, path)
     return {"random": random_ids.tolist(), "most_confidently_wrong": worst.tolist()}
 
@@ -213,11 +210,14 @@ def feature_maps(inputs: Inputs, path: str, index: int = 0) -> dict[str, Any] | 
     ax.imshow(inputs.test.images[index, :, :, 0], cmap="gray_r")
     ax.set_title(f"test image {index} (label {inputs.test.labels[index]})")
     ax.axis("off")
+    # One colour scale for every map, centred on 0: the same colour is the same response in each map.
+    limit = float(np.abs(maps).max()) or 1.0
     for c in range(channels):
         ax = fig.add_subplot(grid[c // cols, 2 + c % cols])
-        ax.imshow(maps[..., c], cmap="viridis")
+        shown = ax.imshow(maps[..., c], cmap="RdBu_r", vmin=-limit, vmax=limit)
         ax.set_title(f"map {c}", fontsize=7)
         ax.axis("off")
+    fig.colorbar(shown, ax=fig.axes[1:], fraction=0.02, pad=0.01, label="response (0 = white)")
     fig.suptitle(f"Feature maps of {convs[0].name} ({channels} filters; before any bias, normalisation and activation)")
     _save(fig, path)
     return {"layer": convs[0].name, "image": index, "shape": list(maps.shape)}
@@ -262,7 +262,8 @@ def optimal_inputs(inputs: Inputs, path: str, l2: float, steps: int = OPTIMAL_ST
 
     for _ in range(steps):
         step()
-    probabilities = tf.nn.softmax(body(x, training=False)).numpy()
+    logits = body(x, training=False).numpy()
+    probabilities = tf.nn.softmax(logits).numpy()
     optimal = x.numpy()
     means = [inputs.test.images[inputs.test.labels == c].mean(axis=0) / 255.0 for c in range(NUM_CLASSES)]
     fig, axes = plt.subplots(2, NUM_CLASSES, figsize=(16, 4))
@@ -270,10 +271,13 @@ def optimal_inputs(inputs: Inputs, path: str, l2: float, steps: int = OPTIMAL_ST
         axes[0, c].imshow(means[c][..., 0], cmap="gray_r", vmin=0, vmax=1)
         axes[0, c].set_title(f"mean of {c}", fontsize=9)
         axes[1, c].imshow(optimal[c, ..., 0], cmap="gray_r", vmin=0, vmax=1)
-        axes[1, c].set_title(f"optimal {c}: p={probabilities[c, c]:.2f}", fontsize=9)
+        runner_up = int(np.argsort(logits[c])[-2]) if int(np.argmax(logits[c])) == c else int(np.argmax(logits[c]))
+        # Every class's probability is near 1 (summary.json has them); its logit's lead over the runner-up's differs.
+        axes[1, c].set_title(f"optimal {c}\n{logits[c, c] - logits[c, runner_up]:+.1f} over {runner_up}", fontsize=9)
     for ax in axes.flat:
         ax.axis("off")
-    fig.suptitle(f"Class-mean test images (top) and optimal inputs (bottom), L2 penalty {l2}")
+    fig.suptitle(f"Class-mean test images (top); optimal inputs (bottom, L2 penalty {l2}), each titled with its "
+                 "logit's lead over the runner-up class")
     _save(fig, path)
     return {"l2": l2, "probability_of_own_class": [round(float(probabilities[c, c]), 6) for c in range(NUM_CLASSES)],
             "inputs": optimal}
@@ -290,15 +294,16 @@ def confusion_markdown(confusion: dict[str, Any]) -> str:
     return f"Test accuracy **{confusion['accuracy']:.2%}**\n\n" + "\n".join(rows)
 
 
-def to_tensorboard(logdir: str, pngs: dict[str, str], confusion: dict[str, Any]) -> None:
+def to_tensorboard(logdir: str, pngs: dict[str, str], confusion: dict[str, Any], step: int) -> None:
     """The PNG files as images in the run's TensorBoard (logs/analysis), and the confusion matrix as a table in
-    its Text tab; an earlier analysis is replaced."""
+    its Text tab, under one `analysis/` group, at the step of the checkpoint analysed; an earlier analysis is
+    replaced."""
     shutil.rmtree(logdir, ignore_errors=True)
-    with tf.summary.create_file_writer(logdir).as_default(step=0):
+    with tf.summary.create_file_writer(logdir).as_default(step=step):
         for name, path in pngs.items():
             image = tf.io.decode_png(tf.io.read_file(path), channels=4)
-            tf.summary.image(name, image[tf.newaxis], max_outputs=1)
-        tf.summary.text("confusion_table", confusion_markdown(confusion))
+            tf.summary.image(f"{ANALYSIS}/{name}", image[tf.newaxis], max_outputs=1)
+        tf.summary.text(f"{ANALYSIS}/confusion_table", confusion_markdown(confusion))
 
 
 def analyze(folder: RunFolder, config: Config, l2: float = 0.25) -> dict[str, Any]:
@@ -325,6 +330,6 @@ def analyze(folder: RunFolder, config: Config, l2: float = 0.25) -> dict[str, An
     summary["files"] = sorted(os.path.basename(p) for p in written.values())
     with open(os.path.join(out, "summary.json"), "w") as f:
         f.write(to_json(summary))
-    to_tensorboard(folder.path(LOGS, ANALYSIS), written, summary["confusion"])
+    to_tensorboard(folder.path(LOGS, ANALYSIS), written, summary["confusion"], inputs.step)
     return summary
 

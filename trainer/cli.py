@@ -36,20 +36,33 @@ def _add_data_dir_override(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="read the test data from here (default: the data dir saved with the run)")
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, with room for a flag and its metavar before the help."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `python -m trainer` parser with its subcommands."""
     parser = Parser(prog="python -m trainer", description="Train and evaluate MNIST classifiers.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    def command(name: str, text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("--verbose", action="store_true",
-                         help="show TensorFlow's own start-up and C++ logs (default: off)")
+    def verbose(where: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+        where.add_argument("--verbose", action="store_true",
+                           help="show TensorFlow's own start-up and C++ logs (default: off)")
+
+    def command(name: str, text: str, logging: bool = True) -> argparse.ArgumentParser:
+        # One line per flag where its help fits: the help of every command fits a screen.
+        sub = commands.add_parser(name, help=text, description=text, formatter_class=HelpFormatter,
+                                  usage=f"python -m trainer {name} [FLAG ...]{' IMAGE ...' if name == 'predict' else ''}")
+        if logging:
+            verbose(sub)
         return sub
 
     train = command("train", "train (or resume) a run, evaluate and export it; to resume, give the same "
-                             "--output-dir and --run (other flags only to change them, e.g. --epochs)")
-    add_flags(train)
+                             "--output-dir and --run (other flags only to change them, e.g. --epochs)", logging=False)
+    verbose(add_flags(train)["logging"])
 
     evaluate = command("evaluate", "evaluate a run's exported model on the test set; prints JSON")
     _add_run_flags(evaluate)
@@ -198,15 +211,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
     paths, failed = _image_paths(args.images)
     if paths:
         load_tensorflow(args.verbose)
-        from trainer.export import predict_files
+        from trainer.export import percent, predict_files
 
         for result in predict_files(model_dir, paths, args.polarity):
             if result.error is not None:
                 failed += 1
                 print(f"error: {result.path}: {result.error}", file=sys.stderr)
             else:
-                print(f"{result.path}\t{result.label}\t{result.probability:.2%}\t{', '.join(result.notes)}",
-                      flush=True)
+                print(f"{result.path}\t{result.label}\t{percent(result.probability)}\t"
+                      f"{', '.join(result.notes) or 'none'}", flush=True)
     return EXIT_USAGE if failed else 0
 
 

@@ -22,7 +22,7 @@ DATA_DIR_ENV = "TRAINER_DATA_DIR"  # the default data dir where it is set (the i
 POLARITIES = ("auto", "light-on-dark", "dark-on-light")  # predict: MNIST digits are light on dark
 IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")  # predict: what tf.io.decode_image reads
 
-# Exit codes of `python -m trainer` and `python -m trainer.launch`: the one table (README "Exit codes",
+# Exit codes of `python -m trainer` and `python -m trainer.launch`: the one table (docs/reference.md "Exit codes",
 # and the manifests' failure policies, agree with it).
 EXIT_USAGE = 2  # bad usage, config or input (or the Kubernetes API refused): never retried
 EXIT_NO_CLUSTER = 3  # launcher: no kube config, or the API server did not answer in time
@@ -87,9 +87,9 @@ def fail(message: str, code: int = EXIT_USAGE, now: bool = False) -> NoReturn:
     sys.exit(code)
 
 
-def _setting(default: Any, help: str) -> Any:
-    """A config field with its flag's help text."""
-    return dataclasses.field(default=default, metadata={"help": help})
+def _setting(default: Any, help: str, shown: str = "") -> Any:
+    """A config field with its flag's help text (and, if `shown`, how its help names the default)."""
+    return dataclasses.field(default=default, metadata={"help": help, "shown": shown})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,9 +98,9 @@ class DataConfig:
 
     dataset: str = _setting("mnist", f"dataset: {', '.join(DATASETS)}")
     data_dir: str = _setting(os.environ.get(DATA_DIR_ENV) or os.path.join("~", "tensorflow_datasets"),
-                             f"folder for TFDS data and imported IDX files (${DATA_DIR_ENV} if set: the image's own)")
+                             "TFDS data and imported IDX files", f"${DATA_DIR_ENV} or ~/tensorflow_datasets")
     data_source: str = _setting(
-        "auto", "auto (TFDS if prepared, else IDX files / packaged copy, else TFDS download), tfds or idx")
+        "auto", "auto: TFDS if prepared, else IDX files or the packaged copy; tfds; idx")
     augment: bool = _setting(False, "random shifts of up to 2 pixels")
 
 
@@ -118,12 +118,12 @@ class OptimizerConfig:
     optimizer: str = _setting("adam", "sgd or adam")
     learning_rate: float = _setting(0.001, "peak learning rate")
     momentum: float = _setting(0.0, "SGD momentum")
-    schedule: str = _setting("constant", "constant or cosine learning-rate decay")
-    warmup_epochs: float = _setting(0.0, "epochs of linear learning-rate warm-up from 0 (before the schedule)")
+    schedule: str = _setting("constant", "constant, or cosine decay")
+    warmup_epochs: float = _setting(0.0, "epochs of linear warm-up from 0, at most --epochs")
     # learning_rate is the preset's rate at the preset's batch size; with "linear" or "sqrt" it is
     # scaled by (batch_size / preset batch) or its square root when --batch-size differs.
     lr_scaling: str = _setting(
-        "none", "none, linear or sqrt: scale the learning rate with --batch-size / the preset's batch size")
+        "none", "none, linear or sqrt: scale by --batch-size / preset's")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,38 +131,37 @@ class RunConfig:
     """Length of training, batch, seed and where results go."""
 
     epochs: int = _setting(10, "passes over the training set")
-    batch_size: int = _setting(64, "global batch size, split evenly over replicas")
-    seed: int = _setting(0, "seed for initialisation, shuffling and augmentation")
-    output_dir: str = _setting("runs", "parent folder of run folders: a folder or gs://BUCKET/PREFIX")
+    batch_size: int = _setting(64, "global batch, split evenly over replicas")
+    seed: int = _setting(0, "seed of initialisation, shuffling, augmentation")
+    output_dir: str = _setting("runs", "where run folders go: a folder or gs://BUCKET/PREFIX")
     run: str = _setting("", "run folder name; reuse it to resume")
     checkpoint_every: int = _setting(500, "steps between checkpoints")
-    steps_per_loop: int = _setting(50, "steps per tf.function call and per log entry")
-    scratch_dir: str = _setting("", "fast local folder for the run while it trains ('' = system temp dir)")
-    log_every: float = _setting(30.0, "seconds between progress lines when stderr is a log file, not a terminal")
-    ship_every: float = _setting(10.0, "seconds between background uploads to the output dir")
+    steps_per_loop: int = _setting(50, "steps per tf.function call")
+    scratch_dir: str = _setting("", "local folder the run trains in: <scratch-dir>/<run>",
+                                "<tmp>/mnist-trainer-<uid>/<run>-<hash>")
+    log_every: float = _setting(30.0, "seconds between progress lines in a log file")
+    ship_every: float = _setting(10.0, "seconds between uploads to the output dir")
     # 25 s fits Kubernetes' default 30 s termination grace period.
-    grace_seconds: float = _setting(25.0, "after SIGTERM: save, upload and exit within this many seconds")
-    store_timeout: float = _setting(300.0, "seconds the final upload retries an unreachable store before giving up")
+    grace_seconds: float = _setting(25.0, "after SIGTERM, save, upload and exit within this")
+    store_timeout: float = _setting(300.0, "seconds the final upload retries a store that is down")
     lease_seconds: float = _setting(
-        60.0, "the run's lease (one writer per run) expires this long after its holder stopped renewing it")
+        60.0, "a run's lease not renewed for this long is free")
 
 
 @dataclasses.dataclass(frozen=True)
 class RuntimeConfig:
     """Devices: 0 = all GPUs (or the CPU); N > 0 = split the CPU into N logical devices."""
 
-    cpu_replicas: int = _setting(0, "0: all GPUs (or the CPU); N: N logical CPU devices")
+    cpu_replicas: int = _setting(0, "N > 0: N CPU devices; 0: all GPUs, or the CPU")
     # A node whose CUDA stack fails to load (driver, image) leaves TensorFlow on the CPU without a word.
     expect_gpus: int = _setting(
-        0, f"refuse to start (exit {EXIT_NO_GPU}) unless TensorFlow sees at least this many GPUs; the launcher sets "
-           "it to the pod's GPU request")
-    precision: str = _setting("float32", "float32, or mixed_float16 (float16 compute on GPUs with dynamic loss "
-                                         "scaling)")
-    jit_compile: bool = _setting(False, "XLA-compile the forward and backward pass (faster on GPUs, slower on CPUs)")
+        0, f"exit {EXIT_NO_GPU} if TensorFlow sees fewer GPUs (the launcher sets it)")
+    precision: str = _setting("float32", "float32, or mixed_float16 (for GPUs)")
+    jit_compile: bool = _setting(False, "XLA-compile the step (for GPUs)")
     peer_timeout: float = _setting(
-        30.0, f"multi-worker: seconds without heartbeats after which a peer is lost (exit {EXIT_PEER_LOST})")
+        30.0, f"seconds of a peer's silence before it is lost (exit {EXIT_PEER_LOST})")
     startup_timeout: float = _setting(
-        600.0, f"multi-worker: seconds to wait at start for every peer to join (then exit {EXIT_PEER_LOST})")
+        600.0, f"seconds to wait for every peer at start (exit {EXIT_PEER_LOST})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,25 +198,43 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field, named after it, with the field's help; unset flags fall back to the preset."""
-    for section in SECTION_CLASSES.values():
-        for field in dataclasses.fields(section):
-            help_ = f"{field.metadata['help']} (default: {_preset_hint(field)})"
+# How `train --help` groups the flags (every field in one group).
+FLAG_GROUPS = {
+    "data": ("dataset", "data_dir", "data_source", "augment"),
+    "model": ("model", "precision", "jit_compile"),
+    "training": ("epochs", "batch_size", "optimizer", "learning_rate", "lr_scaling", "momentum", "schedule",
+                 "warmup_epochs", "seed", "checkpoint_every", "steps_per_loop", "cpu_replicas"),
+    "storage": ("output_dir", "run", "scratch_dir", "ship_every", "store_timeout", "lease_seconds"),
+    "cluster": ("expect_gpus", "grace_seconds", "peer_timeout", "startup_timeout"),
+    "logging": ("log_every",),
+}
+
+
+def add_flags(parser: argparse.ArgumentParser) -> dict[str, argparse._ArgumentGroup]:
+    """One flag per config field, named after it, with the field's help, in FLAG_GROUPS' groups; unset flags fall
+    back to the preset. Returns the groups by name."""
+    fields = {f.name: f for section in SECTION_CLASSES.values() for f in dataclasses.fields(section)}
+    groups = {name: parser.add_argument_group(name) for name in FLAG_GROUPS}
+    for group, names in FLAG_GROUPS.items():
+        for field in (fields[name] for name in names):
+            help_ = f"{field.metadata['help']} (default: {field.metadata.get('shown') or _preset_hint(field)})"
             if field.type == "bool":
-                parser.add_argument(flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
-                                    help=help_)
+                groups[group].add_argument(flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                           help=help_)
             else:
                 kind = {"int": int, "float": float}.get(str(field.type), str)
-                parser.add_argument(flag(field.name), dest=field.name, type=kind, help=help_)
+                metavar = "DIR" if field.name.endswith("_dir") else {int: "N", float: "X"}.get(kind, "NAME")
+                groups[group].add_argument(flag(field.name), dest=field.name, type=kind, metavar=metavar, help=help_)
+    return groups
 
 
 def _preset_hint(field: dataclasses.Field) -> str:
-    default = repr(field.default) if field.default != "" else "generated"
-    per_model = [f"{m}: {p[field.name]}" for m, p in PRESETS.items() if field.name in p]
-    if len(per_model) == len(PRESETS):
-        return ", ".join(per_model)
-    return "; ".join([default] + per_model)
+    """How a flag's help names its default: the value, or each preset's where presets set it."""
+    default = str(field.default) if field.default != "" else "generated"
+    per_model = [f"{m} {p[field.name]}" for m, p in PRESETS.items() if field.name in p]
+    if len(per_model) == len(PRESETS):  # the default model's, and the table of presets for the rest
+        return f"per preset; {ModelConfig.model} {PRESETS[ModelConfig.model][field.name]}"
+    return ", ".join([default] + per_model)
 
 
 def flag_names() -> set[str]:

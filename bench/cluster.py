@@ -1,6 +1,6 @@
 """`make cluster-bench`: what the local control plane costs here: a build of its binaries from empty Go caches
 (seconds, and the disk the caches and binaries then take), and a start and stop once built; written to
-bench/cluster.json and rendered into the README's block. `--render` rewrites the block from the JSON alone."""
+bench/cluster.json and rendered into docs/kubernetes.md. `--render` rewrites the block from the JSON alone."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import sys
 import tempfile
 import time
 
-from bench.common import ROOT, cpu_model, render_block
+from bench import docs
+from bench.common import ROOT, cpu_model
 
 RESULTS = os.path.join(ROOT, "bench", "cluster.json")
-BEGIN, END = "<!-- cluster: make cluster-bench -->", "<!-- end of cluster -->"
 
 
 def _size(folder: str) -> int:
@@ -44,7 +44,7 @@ def measure() -> dict:
 
 
 def render(r: dict) -> str:
-    """The README's lines: the machine and date once, then the figures."""
+    """The docs' lines: the machine and date once, then the figures."""
     return (f"Measured on {r['date']} ({r['cpus']} cores, {r['cpu']}): a build from empty Go caches took "
             f"{r['cold_build_seconds'] / 60:.0f} min and left {r['go_caches_bytes'] / 1e9:.1f} GB in Go's caches and "
             f"{r['binaries_bytes'] / 1e9:.1f} GB of binaries; once built, `make cluster` started it in "
@@ -52,14 +52,14 @@ def render(r: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
-    """Measure (or, with --render, only re-render) and write the README's block."""
+    """Measure (or, with --render, only re-render) and write the docs' block."""
     if argv != ["--render"]:
         with open(RESULTS, "w") as f:
             json.dump(measure(), f, indent=2)
             f.write("\n")
     with open(RESULTS) as f:
         results = json.load(f)
-    render_block(BEGIN, END, render(results))
+    docs.render("cluster")
     print(render(results))
     return 0
 

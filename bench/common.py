@@ -1,5 +1,4 @@
-"""What the benchmark suites share: the repository root, a trainer command line, running a reference program,
-and the README's blocks rendered from their results."""
+"""What the benchmark suites share: the repository root, a trainer command line, and running a reference program."""
 
 from __future__ import annotations
 
@@ -9,25 +8,6 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-README = os.path.join(ROOT, "README.md")
-
-
-def readme_block(begin: str, end: str, path: str = README) -> str:
-    """The text between the markers `begin` and `end` in `path`, stripped."""
-    with open(path) as f:
-        text = f.read()
-    if begin not in text or end not in text.split(begin, 1)[1]:
-        sys.exit(f"error: {path} has no '{begin}' ... '{end}' block")
-    return text.split(begin, 1)[1].split(end, 1)[0].strip()
-
-
-def render_block(begin: str, end: str, body: str, path: str = README) -> None:
-    """Replace the text between the markers `begin` and `end` in `path` with `body`."""
-    readme_block(begin, end, path)  # one error line if the block is missing
-    with open(path) as f:
-        head, tail = f.read().split(begin, 1)
-    with open(path, "w") as f:
-        f.write(head + begin + "\n" + body + "\n" + end + tail.split(end, 1)[1])
 
 
 def trainer_command(output_dir: str, run: str, scratch: str, *flags: str) -> list[str]:

@@ -1,9 +1,9 @@
 """`make image-sizes`: the size of each flavour of the image and of each of its layers, compressed (gzip, as a
 registry stores and a node pulls it) and uncompressed (on the node's disk); written to bench/image_sizes.json and
-rendered into the README's table.
+rendered into docs/image.md.
 
 python -m bench.image_sizes IMAGE:TAG ... measures the images in buildah's store (BUILDAH: its command);
-python -m bench.image_sizes --render rewrites the README's table from the JSON alone."""
+python -m bench.image_sizes --render rewrites that table from the JSON alone."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ import sys
 import tempfile
 import zlib
 
-from bench.common import ROOT, render_block
+from bench import docs
+from bench.common import ROOT
 
 RESULTS = os.path.join(ROOT, "bench", "image_sizes.json")
-BEGIN, END = "<!-- image sizes: make image-sizes -->", "<!-- end of image sizes -->"
 # What docker/Dockerfile's steps put in the image's last layers, in order; every layer before them is the base's.
 BASE = "the base (Debian bookworm)"
 LAYERS = ("Debian's Python 3.11", "MNIST and Fashion-MNIST", "setup.py and the constraints",
@@ -61,7 +61,7 @@ def _mb(size: int) -> str:
 
 
 def render(results: dict) -> str:
-    """The README's table: one column pair per flavour, one row per layer, then the totals."""
+    """The docs' table: one column pair per flavour, one row per layer, then the totals."""
     flavours = list(results["flavours"])
     lines = [f"Measured on {results['date']}, on the tests' stand-in base; compressed: gzip, as a registry serves a "
              "layer to a node.",
@@ -90,7 +90,7 @@ def main(argv: list[str]) -> int:
             f.write("\n")
     with open(RESULTS) as f:
         results = json.load(f)
-    render_block(BEGIN, END, render(results))
+    docs.render("image sizes")
     print(render(results))
     return 0
 

@@ -19,7 +19,8 @@ set_tensorflow_env()  # TensorFlow loads here as in `python -m trainer`: its C++
 load_tensorflow()
 
 from bench import scaling, sigterm, storage_overhead, throughput, time_to_accuracy  # noqa: E402
-from bench.common import cpu_model, render_block  # noqa: E402
+from bench import docs  # noqa: E402
+from bench.common import cpu_model  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json")
 SUITES = {"throughput": throughput, "time_to_accuracy": time_to_accuracy, "scaling": scaling,
@@ -41,9 +42,7 @@ def main() -> int:
             with open(RESULTS, "w") as f:  # after every suite: a later failure keeps what was measured
                 json.dump(results, f, indent=2)
                 f.write("\n")
-    for name, suite in SUITES.items():
-        if name in results and hasattr(suite, "table"):
-            render_block(suite.BEGIN, suite.END, suite.table(results[name]))
+    docs.main([])  # the docs' tables, from what results.json now holds
     for name, suite in SUITES.items():
         if name in results:
             for label, value in suite.rows(results[name]):

@@ -140,7 +140,7 @@ def run() -> dict[str, Any]:
         "all_reduce": {setup: {p: {"bytes": r["bytes"], "ms": round(1000 * r["all_reduce_seconds"], 3),
                                    "step_ms_with": round(1000 * r["seconds_per_step"], 3)}
                                for p, r in results.items()} for setup, results in all_reduce.items()},
-        # What the README's GPU estimates rest on: gradient bytes per all-reduce and forward FLOPs per image.
+        # What the GPU estimates rest on: gradient bytes per all-reduce and forward FLOPs per image.
         "forward_flops_per_image": flops,
         "on_paper": on_paper({p: r["bytes"] for p, r in all_reduce["two_replicas"].items()}, flops),
         "python": sys.version.split()[0],

@@ -26,7 +26,6 @@ from trainer.launch.manifests import SPOT_GRACE_SECONDS, JobSpec, trainer_grace
 GRACE = trainer_grace(JobSpec(run="r", image="i", output_dir="gs://b", spot=True))
 EPOCHS = "5"  # every preset is still training when signalled
 BUCKET = "bench-sigterm"
-BEGIN, END = "<!-- sigterm: make bench ONLY=sigterm -->", "<!-- end of sigterm -->"  # the README's table
 
 
 def _one(model: str, run: str, scratch: str, rng: random.Random) -> float:
@@ -92,7 +91,7 @@ def rows(s: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def table(s: dict[str, Any]) -> str:
-    """The README's table of this suite: one row per preset, the machine and date once."""
+    """The docs' table of this suite: one row per preset, the machine and date once."""
     lines = [f"Measured on {s['date'][:10]} ({s['cpu']}), {len(next(iter(s['presets'].values()))['seconds'])} runs per "
              "preset, against the GCS emulator on loopback (not real GCS).", "",
              f"| preset | SIGTERM to exit 75, median | max | the trainer's grace (`--spot`) |", "|---|---:|---:|---:|"]

@@ -332,7 +332,7 @@ def inject(attempt: Attempt, target: str, kind: str, delay: float, store: GCSSto
 
 
 def figure(trials: list[Trial]) -> dict[str, Any]:
-    """The numbers the README states."""
+    """The figure docs/reliability.md shows (make docs renders it from bench/faults.json)."""
     faults = [f for t in trials for f in t.faults]
     lost = {kind: [f.lost for f in faults if f.kind == kind] or [0] for kind in ("kill", "sigterm")}
     return {

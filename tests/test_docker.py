@@ -1,5 +1,5 @@
-"""The image definition: hadolint-clean, its base pinned or said to be unpinned, non-root, the trainer as entrypoint,
-every CUDA wheel pinned, and the sizes the README shows rendered from what was measured."""
+"""The image definition: hadolint-clean, its base pinned or said to be unpinned, non-root, the trainer as entrypoint
+and every CUDA wheel pinned."""
 
 from __future__ import annotations
 

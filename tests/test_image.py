@@ -230,7 +230,7 @@ def test_without_a_docker_engine_make_image_uses_podman_and_builds_the_same_imag
     assert "podman build" in built.stdout
     podman_id = _run(["podman", "image", "inspect", "--format", "{{.Id}}", image], env=podman_env).stdout.strip()
     assert podman_id == _run([*buildah(), "inspect", "--format", "{{.FromImageID}}", image]).stdout.strip()
-    # `make local` then runs that image with podman (not run here: see the README).
+    # `make local` then runs that image with podman (not run here: see docs/testing.md).
     local = _run([*make, "-n", "-o", "image", "local", "LOCAL_USER=4321:4321", "OUTPUT_DIR=/somewhere", "RUN=p",
                   "LOCAL_GPUS=0"], cwd=ROOT, env=podman_env).stdout
     assert (f"podman run --rm --user 4321:4321 -v /somewhere:/runs --shm-size 2g {image} train --output-dir /runs"

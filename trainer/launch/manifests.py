@@ -32,7 +32,9 @@ JOBSET_GROUP, JOBSET_VERSION, JOBSET_PLURAL = "jobset.x-k8s.io", "v1alpha2", "jo
 # The oldest Kubernetes with every field used here on by default: the Job's successPolicy (a multi-worker run
 # succeeds when worker 0 does) is beta from 1.31 (GA in 1.33); an older API server drops it without a word.
 MIN_KUBERNETES = (1, 31)
-JOBSET_RELEASE = "v0.10.0"  # the oldest JobSet release with every field used here (onJobFailureMessagePatterns)
+# The JobSet release to install: the one the local control plane tests against (tests/cluster/jobset/go.mod).
+# v0.10.0 is the oldest with every field used here (onJobFailureMessagePatterns).
+JOBSET_RELEASE = "v0.10.1"
 REPLICATED_JOB = "worker"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"

@@ -63,20 +63,29 @@ def test_tensorboard_has_two_runs_per_training_and_hparams_on_its_test_run(cnn_r
         events.Reload()
         tags[sub] = set(events.Tags()["tensors"])
     assert {"loss", "accuracy", "learning_rate", "examples_per_sec", "inputs"} <= tags["train"]
-    assert {"loss", "accuracy"} <= tags["test"]
+    assert {"loss", "accuracy", "accuracy_percent"} <= tags["test"]
     assert {"train", "test"} <= set(os.listdir(folder.logs)) <= {"train", "test", "analysis"}  # no hparams-only run
-    # Only what changes the learning; the session's metrics are the test run's accuracy and loss.
+    # Only what changes the learning, whole numbers as text (not "64.000"); the session's metrics are the test
+    # run's accuracy in percent and loss, and the table opens on model, dataset, batch and learning rate.
     assert _hparams(folder.path("logs", "test")) == {
         "model": "cnn", "dataset": "mnist", "optimizer": "adam", "learning_rate": 0.001, "schedule": "constant",
-        "batch_size": 64.0, "epochs": 1.0, "augment": False, "precision": "float32", "replicas": 2.0}
+        "batch_size": "64", "epochs": "1", "augment": False, "precision": "float32", "replicas": "2"}
+    events = EventAccumulator(folder.path("logs", "test"))
+    events.Reload()
+    experiment = hparams_metadata.parse_experiment_plugin_data(
+        events.PluginTagToContent("hparams")[hparams_metadata.EXPERIMENT_TAG])
+    ticked = {h.name for h in experiment.hparam_infos if h.differs}  # listed first, and ticked, by the dashboard
+    assert ticked == {"model", "dataset", "batch_size", "learning_rate", "epochs"}
+    assert [(m.name.tag, m.display_name) for m in experiment.metric_infos] == [
+        ("accuracy_percent", "test accuracy (%)"), ("loss", "test loss")]
 
 
 def test_a_resume_to_more_epochs_updates_the_hparams(tmp_path, data_dir):
     run = ["--output-dir", str(tmp_path), "--run", "r", "--data-dir", data_dir]
     assert run_cli("train", "--model", "mlp300", "--epochs", "1", *run).returncode == 0
-    assert _hparams(str(tmp_path / "r" / "logs" / "test"))["epochs"] == 1.0
+    assert _hparams(str(tmp_path / "r" / "logs" / "test"))["epochs"] == "1"
     assert run_cli("train", "--epochs", "2", *run).returncode == 0
-    assert _hparams(str(tmp_path / "r" / "logs" / "test"))["epochs"] == 2.0
+    assert _hparams(str(tmp_path / "r" / "logs" / "test"))["epochs"] == "2"
     assert len(glob.glob(str(tmp_path / "r" / "logs" / "test" / "*.hparams"))) == 1
 
 

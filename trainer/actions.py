@@ -117,7 +117,8 @@ class Evaluation:
         if not p.epoch_end:
             return
         result = self._evaluate(p.step)
-        write_scalars(self.writer, p.step, loss=result["test_loss"], accuracy=result["test_accuracy"])
+        write_scalars(self.writer, p.step, loss=result["test_loss"], accuracy=result["test_accuracy"],
+                      accuracy_percent=100 * result["test_accuracy"])  # the HParams table's metric
         self.console.write(f"epoch {p.epoch}/{self.epochs}: test accuracy {accuracy_text(result['test_accuracy'])}  "
                            f"test loss {result['test_loss']:.4f}")
         self.history.append({

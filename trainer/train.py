@@ -10,6 +10,8 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
+from tensorboard.plugins.hparams import api_pb2
+from tensorboard.plugins.hparams import summary as hparams_summary
 
 from trainer import actions, loop
 from trainer.config import ConfigError, check_replicas
@@ -23,9 +25,12 @@ from trainer.sigterm import StopSignal
 from trainer.storage import StoreUnavailable
 
 SAMPLE_IMAGES = 16  # training images shown in TensorBoard
-# What the HParams dashboard shows of a run: the settings that change what is learned (with `replicas`).
-HPARAMS = ("model", "dataset", "optimizer", "learning_rate", "schedule", "batch_size", "epochs", "augment",
-           "precision")
+# What the HParams dashboard shows of a run: the settings that change what is learned (and `replicas`), the first
+# five ticked when it opens; its metrics, the test run's percentage and loss.
+HPARAMS = ("model", "dataset", "batch_size", "learning_rate", "epochs", "optimizer", "schedule", "augment",
+           "precision", "replicas")
+HPARAMS_TICKED = 5
+HPARAMS_METRICS = (("accuracy_percent", "test accuracy (%)"), ("loss", "test loss"))
 
 
 def train_and_evaluate(run: TrainingRun, strategy: tf.distribute.Strategy, stop: StopSignal | None = None,
@@ -134,5 +139,13 @@ def _log_hparams(run: TrainingRun, replicas: int) -> None:
     an earlier attempt's (a resume may change --epochs) are removed first."""
     run.drop_hparams()
     with tf.summary.create_file_writer(run.local.path(*HPARAMS_LOG), filename_suffix=HPARAMS_SUFFIX).as_default():
-        values = {k: v for k, v in run.config.flat().items() if k in HPARAMS}
-        hparams_api.hparams({**values, "replicas": replicas}, trial_id=run.config.run.run)
+        values = {**{k: v for k, v in run.config.flat().items() if k in HPARAMS}, "replicas": replicas}
+        # TensorBoard shows every number with three decimals: whole numbers go as text ("64", not "64.000").
+        shown = {k: str(v) if type(v) is int else v for k, v in values.items()}
+        # The dashboard lists first, and ticks, the hparams marked as differing between runs (then by name): these
+        # are the ones a comparison of runs is about.
+        infos = [api_pb2.HParamInfo(name=name, differs=i < HPARAMS_TICKED) for i, name in enumerate(HPARAMS)]
+        metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=text)
+                   for tag, text in HPARAMS_METRICS]
+        tf.summary.experimental.write_raw_pb(hparams_summary.experiment_pb(infos, metrics).SerializeToString(), step=0)
+        hparams_api.hparams(shown, trial_id=run.config.run.run)

@@ -5,7 +5,6 @@ bench/cluster.json and rendered into docs/kubernetes.md. `--render` rewrites the
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import subprocess
 import sys
@@ -53,14 +52,7 @@ def render(r: dict) -> str:
 
 def main(argv: list[str]) -> int:
     """Measure (or, with --render, only re-render) and write the docs' block."""
-    if argv != ["--render"]:
-        with open(RESULTS, "w") as f:
-            json.dump(measure(), f, indent=2)
-            f.write("\n")
-    with open(RESULTS) as f:
-        results = json.load(f)
-    docs.render("cluster")
-    print(render(results))
+    docs.publish("cluster", RESULTS, None if argv == ["--render"] else measure())
     return 0
 
 

@@ -167,6 +167,17 @@ def render(name: str) -> bool:
     return True
 
 
+def publish(name: str, path: str, results: dict[str, Any] | None) -> None:
+    """Write what a measuring command measured (unless None: re-render only) to its results file `path`, render
+    the block `name` from it, and print the block."""
+    if results is not None:
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2)
+            f.write("\n")
+    render(name)
+    print(block(name))
+
+
 def main(argv: list[str]) -> int:
     """Render every block (or, with --check, name those that differ)."""
     if argv == ["--check"]:

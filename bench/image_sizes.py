@@ -79,19 +79,12 @@ def render(results: dict) -> str:
 
 def main(argv: list[str]) -> int:
     """Measure the images named in argv (flavour=IMAGE:TAG), or only re-render with --render."""
+    results = None
     if argv != ["--render"]:
         buildah = shlex.split(os.environ.get("BUILDAH", "buildah"))
-        flavours = {}
-        for item in argv:
-            flavour, _, image = item.partition("=")
-            flavours[flavour] = measure(buildah, image)
-        with open(RESULTS, "w") as f:
-            json.dump({"date": datetime.date.today().isoformat(), "flavours": flavours}, f, indent=2)
-            f.write("\n")
-    with open(RESULTS) as f:
-        results = json.load(f)
-    docs.render("image sizes")
-    print(render(results))
+        flavours = {flavour: measure(buildah, image) for flavour, _, image in (i.partition("=") for i in argv)}
+        results = {"date": datetime.date.today().isoformat(), "flavours": flavours}
+    docs.publish("image sizes", RESULTS, results)
     return 0
 
 

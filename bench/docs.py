@@ -5,6 +5,7 @@ that differs. The measuring commands (make bench, faults, image-sizes, cluster-b
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -89,6 +90,12 @@ def launcher_owned_flags() -> str:
     return ", ".join(f"`{name}`" for name in LAUNCHER_FLAGS) + "."
 
 
+def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """A parser's subcommands by name ({} if it has none)."""
+    actions = parser._actions  # noqa: SLF001 (argparse has no public list of them)
+    return next((a.choices for a in actions if isinstance(a, argparse._SubParsersAction)), {})  # noqa: SLF001
+
+
 def _help(*command: str) -> str:
     """A command's --help as a terminal 100 columns wide shows it."""
     result = subprocess.run([sys.executable, "-m", *command, "--help"], cwd=ROOT, capture_output=True, text=True,
@@ -100,7 +107,7 @@ def trainer_help() -> str:
     """`python -m trainer COMMAND --help` of every command."""
     from trainer.cli import build_parser
 
-    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001 (argparse keeps them there)
+    commands = subcommands(build_parser())
     return "\n\n".join(f"```\n$ python -m trainer {name} --help\n{_help('trainer', name)}\n```" for name in commands)
 
 
@@ -108,7 +115,7 @@ def launcher_help() -> str:
     """`mnist-launch --help` and that of every subcommand."""
     from trainer.launch.cli import build_parser
 
-    commands = build_parser()._subparsers._group_actions[0].choices  # noqa: SLF001
+    commands = subcommands(build_parser())
     blocks = [f"```\n$ mnist-launch --help\n{_help('trainer.launch')}\n```"]
     blocks += [f"```\n$ mnist-launch {name} --help\n{_help('trainer.launch', name)}\n```" for name in commands]
     return "\n\n".join(blocks)

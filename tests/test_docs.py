@@ -32,13 +32,9 @@ OTHER_TOOLS_FLAGS = {
 
 
 def _flags(parser: argparse.ArgumentParser) -> set[str]:
-    found = set()
-    for action in parser._actions:  # noqa: SLF001 (argparse keeps no public list)
-        found |= {option for option in action.option_strings if option.startswith("--")}
-        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
-            for sub in action.choices.values():
-                found |= _flags(sub)
-    return found
+    found = {option for action in parser._actions for option in action.option_strings  # noqa: SLF001
+             if option.startswith("--")}
+    return found.union(*(_flags(sub) for sub in docs.subcommands(parser).values()))
 
 
 def _prose(path: str) -> str:

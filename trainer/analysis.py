@@ -271,7 +271,7 @@ def optimal_inputs(inputs: Inputs, path: str, l2: float, steps: int = OPTIMAL_ST
         axes[0, c].imshow(means[c][..., 0], cmap="gray_r", vmin=0, vmax=1)
         axes[0, c].set_title(f"mean of {c}", fontsize=9)
         axes[1, c].imshow(optimal[c, ..., 0], cmap="gray_r", vmin=0, vmax=1)
-        runner_up = int(np.argsort(logits[c])[-2]) if int(np.argmax(logits[c])) == c else int(np.argmax(logits[c]))
+        runner_up = int(np.argmax(np.where(np.arange(NUM_CLASSES) == c, -np.inf, logits[c])))  # the best other class
         # Every class's probability is near 1 (summary.json has them); its logit's lead over the runner-up's differs.
         axes[1, c].set_title(f"optimal {c}\n{logits[c, c] - logits[c, runner_up]:+.1f} over {runner_up}", fontsize=9)
     for ax in axes.flat:

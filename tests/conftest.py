@@ -130,6 +130,15 @@ def start_trainer(*args: str, env: dict | None = None, quiet: bool = False) -> s
                             text=True, env={**os.environ, **(env or {})})
 
 
+def process_state(pid: int) -> str:
+    """The process's state letter in /proc (R, S, T when stopped, Z ...), or X once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "X"
+
+
 def catches_sigterm(pid: int) -> bool:
     """True once the process has a handler for SIGTERM (its SigCgt mask in /proc)."""
     with open(f"/proc/{pid}/status") as status:

@@ -29,7 +29,7 @@ import time
 from typing import Any
 
 from bucket_invariant import observe
-from conftest import ROOT, catches_sigterm, checkpoint_steps
+from conftest import ROOT, catches_sigterm, checkpoint_steps, process_state
 from trainer.config import EXIT_INTERRUPTED
 from trainer.lease import LEASE
 from trainer.run_dir import METRICS, MODEL, MODEL_MARKERS, POINTER, parse_pointer, checkpoint_step
@@ -46,6 +46,11 @@ FAULTS_PER_TRIAL = 3
 DELAYS = {"start-up": 3.0, "data": 0.0, "restore": 3.0, "mid-training": 1.0, "checkpoint shipping": 0.05,
           "final evaluation": 0.3, "export": 0.3, "final flush": 0.05}
 KILLED, TERMINATED = 128 + signal.SIGKILL, 128 + signal.SIGTERM
+# What an attempt's stderr shows (a progress line at least every --log-every): any step, the last step, the last
+# epoch's evaluation.
+STEP = re.compile(rf"^step (\d+)/{TOTAL} ", re.M)
+LAST_STEP = re.compile(rf"^step {TOTAL}/{TOTAL} ", re.M)
+LAST_EPOCH = re.compile(rf"^epoch {EPOCHS}/{EPOCHS}: ", re.M)
 
 
 def expected_exit(kind: str, moment: str, handler: bool) -> int:
@@ -144,8 +149,7 @@ class Attempt:
         try:
             self.process.send_signal(signal.SIGSTOP)
             while True:
-                with open(f"/proc/{self.process.pid}/stat") as f:
-                    state = f.read().rsplit(")", 1)[1].split()[0]
+                state = process_state(self.process.pid)
                 if state in "TZX":
                     return state == "T"
                 time.sleep(0.0005)
@@ -157,7 +161,7 @@ class Attempt:
 
 
 def _reached(stderr: str, start: int) -> int:
-    steps = [int(s) for s in re.findall(rf"^step (\d+)/{TOTAL} ", stderr, re.M)]
+    steps = [int(s) for s in STEP.findall(stderr)]
     stopped = re.findall(r"interrupted by SIGTERM at step (\d+)", stderr)
     return max([start, *steps, *(int(s) for s in stopped)])
 
@@ -168,14 +172,14 @@ def moment(attempt: Attempt, store: GCSStore, restored: int) -> str | None:
     stderr = attempt.stderr()
     if os.path.exists(os.path.join(attempt.folder, METRICS)):
         return "final flush"
-    if re.search(rf"^epoch {EPOCHS}/{EPOCHS}: ", stderr, re.M):
+    if LAST_EPOCH.search(stderr):
         return None if attempt.exported() else "export"
-    if re.search(rf"^step {TOTAL}/{TOTAL} ", stderr, re.M):
+    if LAST_STEP.search(stderr):
         return "final evaluation"
     saved = attempt.checkpoints()
     if saved and saved[-1] > shipped_step(store):
         return "checkpoint shipping"
-    if re.search(rf"^step \d+/{TOTAL} ", stderr, re.M):
+    if STEP.search(stderr):
         return "mid-training"
     if attempt.reading_data():
         return "data"
@@ -190,13 +194,13 @@ def entered(target: str, attempt: Attempt, restored: int) -> bool:
     if target == "data":
         return attempt.reading_data()
     if target == "mid-training":
-        return re.search(rf"^step \d+/{TOTAL} ", stderr, re.M) is not None
+        return STEP.search(stderr) is not None
     if target == "checkpoint shipping":
         return any(step > restored for step in attempt.checkpoints())
     if target == "final evaluation":
-        return re.search(rf"^step {TOTAL}/{TOTAL} ", stderr, re.M) is not None
+        return LAST_STEP.search(stderr) is not None
     if target == "export":
-        return re.search(rf"^epoch {EPOCHS}/{EPOCHS}: ", stderr, re.M) is not None
+        return LAST_EPOCH.search(stderr) is not None
     return os.path.exists(os.path.join(attempt.folder, METRICS))
 
 

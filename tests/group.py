@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Callable
 
-from conftest import ROOT
+from conftest import ROOT, process_state
 from gcs import free_port
 from jobset_policy import job_failure, jobset_action
 from trainer.cluster import INDEX_ENV, WORKERS_ENV
@@ -132,11 +132,7 @@ class Group:
 
     @staticmethod
     def _frozen(process: subprocess.Popen) -> bool:
-        try:
-            with open(f"/proc/{process.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "T"
-        except OSError:
-            return False
+        return process_state(process.pid) == "T"
 
     def _tear_down(self, exits: dict[int, Exit]) -> None:
         """Delete the attempt's remaining pods: SIGTERM, then SIGKILL after the grace period (BlockingRecreate:
